@@ -1,0 +1,30 @@
+# The README's commands. Each does all the set-up on a fresh machine, then runs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.deps-installed
+
+.PHONY: demo test bench build clean
+
+$(STAMP): requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+# Compiles tapestry._C (and tapestry._cuda where nvcc exists) in place; incremental.
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+demo: build
+	$(VENV)/bin/tapestry bench --quick
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(VENV)/bin/tapestry bench
+
+clean:
+	rm -rf build $(VENV) python/tapestry/*.so

@@ -1,0 +1,29 @@
+"""Tapestry: robust, compressed and secure aggregation for federated training.
+
+    import tapestry as tp
+    agg = tp.trimmed_mean(updates, f=2)
+    agg, info = tp.krum(updates, f=2, return_info=True)
+    with tp.backend("cpu"):
+        ...
+
+See README.md for the command line and ``shared/SPEC.md`` for what each rule computes.
+"""
+
+from __future__ import annotations
+
+from .aggregators import (
+    NNM, RULES, AggregationInfo, Bulyan, CenteredClipping, GeometricMedian, Krum, Mean, Median, MultiKrum, Rule,
+    TrimmedMean, bulyan, centered_clipping, geometric_median, krum, make_rule, mean, median, multi_krum, nnm,
+    trimmed_mean,
+)
+from .ops import BackendError, available_backends, backend
+from .updates import UpdateSpec, as_matrix
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AggregationInfo", "Rule", "RULES", "make_rule", "UpdateSpec", "as_matrix",
+    "Mean", "TrimmedMean", "Median", "Krum", "MultiKrum", "Bulyan", "NNM", "GeometricMedian", "CenteredClipping",
+    "mean", "trimmed_mean", "median", "krum", "multi_krum", "bulyan", "nnm", "geometric_median", "centered_clipping",
+    "backend", "available_backends", "BackendError", "__version__",
+]

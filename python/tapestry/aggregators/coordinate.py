@@ -1,0 +1,109 @@
+"""Per-coordinate rules: mean / FedAvg, trimmed mean, coordinate median."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .base import AggregationInfo, Rule, check_f, indices, nonfinite_rows, require, run
+
+
+def normalised_weights(weights: Sequence[float] | torch.Tensor | None, n: int) -> torch.Tensor:
+    """float64 weights summing to 1; checks SPEC.md's ``w_i >= 0``, ``sum w > 0``."""
+    if weights is None:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().reshape(-1)
+    require(w.numel() == n, f"mean: got {w.numel()} weights for n={n} updates")
+    bad = torch.nonzero(~torch.isfinite(w) | (w < 0)).flatten().tolist()
+    if bad:
+        raise ValueError(f"mean: weights must be finite and >= 0; client {bad[0]} has weight {w[bad[0]].item()}")
+    total = float(w.sum())
+    require(total > 0, f"mean needs sum of weights > 0, got {total}")
+    return w / total
+
+
+class Mean(Rule):
+    """FedAvg: ``sum_i w_i x_i / sum_i w_i`` (weights default to 1; Flower passes example counts).
+
+    No protection: a non-finite update makes the mean non-finite, and ``info.nonfinite`` names the
+    clients that caused it. A client with weight 0 is not read at all.
+    """
+
+    name = "mean"
+
+    def aggregate(self, X, *, want_info, weights=None):
+        n = X.shape[0]
+        w = normalised_weights(weights, n)
+        agg, backend = run("weighted_mean", X, w)
+        info = AggregationInfo(self.name, n, backend=backend)
+        if want_info or not bool(torch.isfinite(agg).all()):
+            info.nonfinite = indices(nonfinite_rows(X) & (w != 0).to(X.device))
+        return agg, info
+
+
+class TrimmedMean(Rule):
+    """Per coordinate, drop the ``f`` smallest and ``f`` largest values and average the rest
+    (Yin et al. 2018). Give ``f``, or ``beta`` in ``[0, 0.5)`` for ``f = floor(beta * n)``
+    (Flower's ``proportiontocut``); with neither, ``beta = 0.2`` (Flower's FedTrimmedAvg default).
+
+    NaN and +Inf rank above every finite value, -Inf below: with at most ``f`` non-finite values in
+    a coordinate the result there is finite.
+    """
+
+    name = "trimmed_mean"
+
+    def __init__(self, f: int | None = None, beta: float | None = None):
+        if f is not None and beta is not None:
+            raise ValueError("trimmed_mean: give f or beta, not both")
+        if f is not None:
+            check_f(f, self.name)
+        if beta is not None:
+            require(isinstance(beta, (int, float)) and 0 <= beta < 0.5, f"trimmed_mean needs beta in [0, 0.5), got beta={beta}")
+        elif f is None:
+            beta = 0.2
+        self.f, self.beta = f, beta
+
+    def trim(self, n: int) -> int:
+        f = self.f if self.f is not None else math.floor(self.beta * n)
+        require(2 * f < n, f"trimmed_mean needs 2f < n, got n={n}, f={f}")
+        return f
+
+    def aggregate(self, X, *, want_info):
+        n = X.shape[0]
+        f = self.trim(n)
+        agg, backend = run("trimmed_mean", X, f)
+        info = AggregationInfo(self.name, n, f=f, backend=backend)
+        if want_info:
+            info.nonfinite = indices(nonfinite_rows(X))
+        return agg, info
+
+
+class Median(Rule):
+    """Coordinate-wise median; for even ``n`` the mean of the two middle values (NumPy's
+    convention, not ``torch.median``'s lower one). Non-finite values are ranked as in TrimmedMean."""
+
+    name = "median"
+
+    def aggregate(self, X, *, want_info):
+        agg, backend = run("coord_median", X)
+        info = AggregationInfo(self.name, X.shape[0], backend=backend)
+        if want_info:
+            info.nonfinite = indices(nonfinite_rows(X))
+        return agg, info
+
+
+def mean(updates, weights=None, *, return_info: bool = False):
+    """FedAvg of ``updates``; see :class:`Mean`."""
+    return Mean()(updates, weights=weights, return_info=return_info)
+
+
+def trimmed_mean(updates, f: int | None = None, beta: float | None = None, *, return_info: bool = False):
+    """Coordinate-wise trimmed mean; see :class:`TrimmedMean`."""
+    return TrimmedMean(f=f, beta=beta)(updates, return_info=return_info)
+
+
+def median(updates, *, return_info: bool = False):
+    """Coordinate-wise median; see :class:`Median`."""
+    return Median()(updates, return_info=return_info)

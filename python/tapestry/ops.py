@@ -1,0 +1,158 @@
+"""The op table: every op declared once, every backend implementing it under the same name.
+
+An op is plain arithmetic on tensors whose shapes, dtypes and parameters were already checked by
+the caller (the rules in :mod:`tapestry.aggregators`, the codecs, the secure-sum protocol). A
+backend is a module that defines a function named exactly like each op it implements:
+
+=============  ===============================  ==============================================
+backend        module                           takes
+=============  ===============================  ==============================================
+``cuda``       ``tapestry.backends.cuda``       CUDA tensors (needs ``tapestry._cuda`` + a GPU)
+``triton``     ``tapestry.backends.triton``     CUDA tensors; CPU tensors under TRITON_INTERPRET=1
+``cpu``        ``tapestry.backends.cpu``        CPU tensors (needs ``tapestry._C``)
+``reference``  ``tapestry.reference``           anything: readable PyTorch, the executable SPEC.md
+=============  ===============================  ==============================================
+
+``auto`` walks that list in order and takes the first backend that is available, implements the
+op and accepts the inputs' device (the Triton interpreter is never chosen automatically: it is a
+test vehicle, not a fast path). ``TAPESTRY_BACKEND=cpu`` or ``with tapestry.backend("cpu"):``
+forces one; forcing a backend that cannot run raises :class:`BackendError` with the reason. The
+choice is logged on the ``tapestry.ops`` logger at DEBUG level, so a slow fallback is never
+silent.
+
+Each backend module provides ``unavailable() -> str | None`` (why it cannot run at all) and
+``rejects(device: torch.device) -> str | None`` (why it cannot take tensors on ``device``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import Callable, Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Every op, with its contract. The reference implementation in tapestry.reference is the
+# executable form of each line.
+OPS: dict[str, str] = {
+    # -- robust aggregation (per coordinate; X is (n, d) float32/float16/bfloat16, any strides
+    #    with unit stride along d; results are float32, float64 for float64 input)
+    "weighted_mean": "(X, w: (n,) float64 on the CPU) -> (d,): sum_i w_i x_i; rows with w_i == 0 are not read",
+    "trimmed_mean": "(X, f: int, 0 <= 2f < n) -> (d,): per coordinate, mean of the values ranked f .. n-f-1",
+    "coord_median": "(X) -> (d,): per coordinate median, mean of the two middle values for even n",
+    "mean_around_median": "(X, rows: (m,) int64, k: int) -> (d,): per coordinate over rows, mean of the k values closest to their median",
+    "gram": "(X) -> (n, n) float64: Gram matrix of the rows after a common per-coordinate shift",
+    # -- compression (see tapestry.compression)
+    # -- secure sum (see tapestry.secure)
+}
+
+BACKENDS: dict[str, str] = {
+    "cuda": "tapestry.backends.cuda",
+    "triton": "tapestry.backends.triton",
+    "cpu": "tapestry.backends.cpu",
+    "reference": "tapestry.reference",
+}
+AUTO = "auto"
+
+
+class BackendError(RuntimeError):
+    """A forced backend cannot run, or no backend can run an op on the given inputs."""
+
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("tapestry_backend", default=None)
+_modules: dict[str, ModuleType | Exception] = {}
+
+
+def _module(name: str) -> ModuleType:
+    """Import a backend module once; an import failure is kept and reported as its reason."""
+    if name not in _modules:
+        try:
+            _modules[name] = importlib.import_module(BACKENDS[name])
+        except Exception as exc:  # a broken optional backend must not break `import tapestry`
+            _modules[name] = exc
+    mod = _modules[name]
+    if isinstance(mod, Exception):
+        raise BackendError(f"backend {name!r} failed to import: {mod!r}")
+    return mod
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this machine, or None when it can."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid: {', '.join([AUTO, *BACKENDS])}")
+    try:
+        return _module(name).unavailable()
+    except BackendError as exc:
+        return str(exc)
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, fastest first."""
+    return [b for b in BACKENDS if unavailable_reason(b) is None]
+
+
+def _requested() -> str:
+    name = _forced.get() or os.environ.get("TAPESTRY_BACKEND") or AUTO
+    if name != AUTO and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid: {', '.join([AUTO, *BACKENDS])}")
+    return name
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Force a backend inside a ``with`` block: "reference", "cpu", "triton", "cuda" or "auto"."""
+    if name != AUTO and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid: {', '.join([AUTO, *BACKENDS])}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _why_not(name: str, op: str, device: torch.device) -> str | None:
+    reason = unavailable_reason(name)
+    if reason is not None:
+        return reason
+    mod = _module(name)
+    if not hasattr(mod, op):
+        return f"does not implement {op}"
+    return mod.rejects(device)
+
+
+def resolve(op: str, device: torch.device | str) -> tuple[str, Callable]:
+    """The backend name and function that run ``op`` on tensors on ``device``."""
+    if op not in OPS:
+        raise KeyError(f"unknown op {op!r}")
+    device = torch.device(device)
+    name = _requested()
+    if name != AUTO:
+        reason = _why_not(name, op, device)
+        if reason is not None:
+            raise BackendError(f"backend {name!r} cannot run {op} on {device}: {reason}")
+        return name, getattr(_module(name), op)
+    reasons = []
+    for candidate in BACKENDS:
+        if candidate == "triton" and device.type == "cpu":
+            reasons.append(f"  triton: not chosen automatically for CPU tensors (interpreter only)")
+            continue
+        reason = _why_not(candidate, op, device)
+        if reason is None:
+            log.debug("%s on %s -> %s", op, device, candidate)
+            return candidate, getattr(_module(candidate), op)
+        reasons.append(f"  {candidate}: {reason}")
+    raise BackendError(f"no backend can run {op} on {device}:\n" + "\n".join(reasons))
+
+
+def call(op: str, *tensors_and_args, device: torch.device | str | None = None, **kwargs):
+    """Run ``op`` on the backend chosen for the device of its first tensor argument."""
+    if device is None:
+        device = next(a.device for a in tensors_and_args if isinstance(a, torch.Tensor))
+    _, fn = resolve(op, device)
+    return fn(*tensors_and_args, **kwargs)
