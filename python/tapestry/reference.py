@@ -81,3 +81,11 @@ def gram(X: torch.Tensor) -> torch.Tensor:
     shift = X64[finite].mean(0) if bool(finite.any()) else torch.zeros_like(X64[0])
     C = X64 - shift
     return C @ C.T
+
+
+# ---------------------------------------------------------------------------------------------
+# compression (see tapestry.compression)
+
+
+# ---------------------------------------------------------------------------------------------
+# secure sum (see tapestry.secure)

@@ -9,8 +9,9 @@ import torch
 
 from .. import ops
 from ..updates import as_matrix
+from .columns import Columns, InMemory
 
-# Columns scanned at a time by the Python-side passes over X (bounded temporary memory).
+# Columns scanned at a time by the Python-side passes over a block (bounded temporary memory).
 CHUNK = 1 << 16
 
 
@@ -50,22 +51,59 @@ def check_f(f: Any, rule: str) -> int:
     return f
 
 
-def nonfinite_rows(X: torch.Tensor) -> torch.Tensor:
-    """Boolean ``(n,)`` mask of rows holding a NaN or Inf, scanned in column chunks."""
-    bad = torch.zeros(X.shape[0], dtype=torch.bool, device=X.device)
-    for start in range(0, X.shape[1], CHUNK):
-        bad |= ~torch.isfinite(X[:, start : start + CHUNK]).all(dim=1)
-    return bad
+def _sub_chunks(src: Columns):
+    """(start, stop) ranges of at most CHUNK columns covering every block of ``src``."""
+    for a, b in src.blocks():
+        for start in range(a, b, CHUNK):
+            yield start, min(start + CHUNK, b)
+
+
+def nonfinite_rows(src: Columns) -> torch.Tensor:
+    """Boolean ``(n,)`` CPU mask of clients holding a NaN or Inf anywhere (in any shard)."""
+    bad = torch.zeros(src.n, dtype=torch.float64, device=src.device)
+    for a, b in _sub_chunks(src):
+        bad += (~torch.isfinite(src.read(a, b)).all(dim=1)).to(torch.float64)
+    return src.reduce(bad).cpu() > 0
+
+
+def sq_distances_to(src: Columns, z: torch.Tensor) -> torch.Tensor:
+    """``|x_i - z|^2`` for every client, float64 ``(n,)`` on the CPU (``z`` is this shard's part)."""
+    sq = torch.zeros(src.n, dtype=torch.float64, device=src.device)
+    z64 = z.to(torch.float64)
+    for a, b in _sub_chunks(src):
+        sq += ((src.read(a, b).to(torch.float64) - z64[a:b]) ** 2).sum(dim=1)
+    return src.reduce(sq).cpu()
+
+
+def sq_norm(src: Columns, v: torch.Tensor) -> float:
+    """``|v|^2`` of a vector split over the shards like the updates' columns."""
+    return float(src.reduce(torch.sum(v.to(torch.float64) ** 2).reshape(1)).item())
+
+
+def gram(src: Columns) -> tuple[torch.Tensor, str]:
+    """float64 ``(n, n)`` Gram matrix over every block and shard (see the ``gram`` op)."""
+    name, fn = ops.resolve("gram", src.device)
+    G = None
+    for a, b in src.blocks():
+        part = fn(src.read(a, b)).to(torch.float64)
+        G = part if G is None else G + part
+    return src.reduce(G).cpu(), name
+
+
+def apply(op: str, src: Columns, *args) -> tuple[torch.Tensor, str]:
+    """Run a per-coordinate ``op`` block by block; the ``(d,)`` float32 result and the backend."""
+    name, fn = ops.resolve(op, src.device)
+    blocks = list(src.blocks())
+    if len(blocks) == 1:
+        return fn(src.read(*blocks[0]), *args), name
+    out = torch.empty(src.d, dtype=torch.float32, device=src.device)
+    for a, b in blocks:
+        out[a:b] = fn(src.read(a, b), *args)
+    return out, name
 
 
 def indices(mask: torch.Tensor) -> list[int]:
     return torch.nonzero(mask).flatten().tolist()
-
-
-def run(op: str, X: torch.Tensor, *args) -> tuple[torch.Tensor, str]:
-    """Run ``op`` on the backend chosen for ``X``; return the result and the backend's name."""
-    name, fn = ops.resolve(op, X.device)
-    return fn(X, *args), name
 
 
 class Rule:
@@ -73,17 +111,19 @@ class Rule:
 
     ``rule(updates)`` returns the aggregate in the caller's form (see :mod:`tapestry.updates`);
     ``rule(updates, return_info=True)`` returns ``(aggregate, AggregationInfo)``. Subclasses
-    implement :meth:`aggregate` on the stacked ``(n, d)`` matrix.
+    implement :meth:`aggregate` on a :class:`~tapestry.aggregators.columns.Columns` source, so the
+    same code aggregates updates in memory, compressed, streamed from files or sharded.
     """
 
     name = "rule"
 
-    def aggregate(self, X: torch.Tensor, *, want_info: bool, **kwargs) -> tuple[torch.Tensor, AggregationInfo]:
+    def aggregate(self, src: Columns, *, want_info: bool, **kwargs) -> tuple[torch.Tensor, AggregationInfo]:
+        """The ``(src.d,)`` float32 aggregate of ``src`` (on ``src.device``) and its diagnostics."""
         raise NotImplementedError
 
     def __call__(self, updates: Any, *, return_info: bool = False, **kwargs):
         X, spec = as_matrix(updates)
-        agg, info = self.aggregate(X, want_info=return_info, **kwargs)
+        agg, info = self.aggregate(InMemory(X), want_info=return_info, **kwargs)
         out = spec.unflatten(agg)
         return (out, info) if return_info else out
 

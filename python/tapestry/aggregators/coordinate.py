@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .base import AggregationInfo, Rule, check_f, indices, nonfinite_rows, require, run
+from .base import AggregationInfo, Rule, apply, check_f, indices, nonfinite_rows, require
 
 
 def normalised_weights(weights: Sequence[float] | torch.Tensor | None, n: int) -> torch.Tensor:
@@ -33,13 +33,13 @@ class Mean(Rule):
 
     name = "mean"
 
-    def aggregate(self, X, *, want_info, weights=None):
-        n = X.shape[0]
-        w = normalised_weights(weights, n)
-        agg, backend = run("weighted_mean", X, w)
-        info = AggregationInfo(self.name, n, backend=backend)
-        if want_info or not bool(torch.isfinite(agg).all()):
-            info.nonfinite = indices(nonfinite_rows(X) & (w != 0).to(X.device))
+    def aggregate(self, src, *, want_info, weights=None):
+        w = normalised_weights(weights, src.n)
+        agg, backend = apply("weighted_mean", src, w)
+        info = AggregationInfo(self.name, src.n, backend=backend)
+        finite = torch.isfinite(agg).all().to(torch.float64).reshape(1)
+        if want_info or float(src.reduce(finite - 1).item()) != 0:  # some shard's result is non-finite
+            info.nonfinite = indices(nonfinite_rows(src) & (w != 0))
         return agg, info
 
 
@@ -70,13 +70,12 @@ class TrimmedMean(Rule):
         require(2 * f < n, f"trimmed_mean needs 2f < n, got n={n}, f={f}")
         return f
 
-    def aggregate(self, X, *, want_info):
-        n = X.shape[0]
-        f = self.trim(n)
-        agg, backend = run("trimmed_mean", X, f)
-        info = AggregationInfo(self.name, n, f=f, backend=backend)
+    def aggregate(self, src, *, want_info):
+        f = self.trim(src.n)
+        agg, backend = apply("trimmed_mean", src, f)
+        info = AggregationInfo(self.name, src.n, f=f, backend=backend)
         if want_info:
-            info.nonfinite = indices(nonfinite_rows(X))
+            info.nonfinite = indices(nonfinite_rows(src))
         return agg, info
 
 
@@ -86,11 +85,11 @@ class Median(Rule):
 
     name = "median"
 
-    def aggregate(self, X, *, want_info):
-        agg, backend = run("coord_median", X)
-        info = AggregationInfo(self.name, X.shape[0], backend=backend)
+    def aggregate(self, src, *, want_info):
+        agg, backend = apply("coord_median", src)
+        info = AggregationInfo(self.name, src.n, backend=backend)
         if want_info:
-            info.nonfinite = indices(nonfinite_rows(X))
+            info.nonfinite = indices(nonfinite_rows(src))
         return agg, info
 
 

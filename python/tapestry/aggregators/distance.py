@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import CHUNK, AggregationInfo, Rule, check_f, indices, require, run
+from .base import AggregationInfo, Rule, apply, check_f, gram, indices, require
+from .columns import Columns
 
 
 @dataclass
@@ -24,9 +25,12 @@ class Distances:
     backend: str
 
 
-def pairwise_distances(X: torch.Tensor) -> Distances:
-    G, backend = run("gram", X)
-    G = G.to(device="cpu", dtype=torch.float64)
+def pairwise_distances(src: Columns) -> Distances:
+    G, backend = gram(src)
+    return distances_from_gram(G, backend)
+
+
+def distances_from_gram(G: torch.Tensor, backend: str) -> Distances:
     g = G.diagonal()
     nonfinite = ~torch.isfinite(g)  # a NaN/Inf entry makes the row's own square non-finite
     D = (g[:, None] + g[None, :] - 2 * G).clamp_(min=0)
@@ -61,10 +65,10 @@ def _check_krum(n: int, f: int, rule: str) -> None:
     require(n >= 2 * f + 3, f"{rule} needs n >= 2f+3, got n={n}, f={f}")
 
 
-def _select_mean(X: torch.Tensor, chosen: list[int]) -> torch.Tensor:
-    w = torch.zeros(X.shape[0], dtype=torch.float64)
+def _select_mean(src: Columns, chosen: list[int]) -> torch.Tensor:
+    w = torch.zeros(src.n, dtype=torch.float64)
     w[chosen] = 1.0 / len(chosen)
-    return run("weighted_mean", X, w)[0]
+    return apply("weighted_mean", src, w)[0]
 
 
 class Krum(Rule):
@@ -80,13 +84,13 @@ class Krum(Rule):
     def __init__(self, f: int):
         self.f = check_f(f, self.name)
 
-    def aggregate(self, X, *, want_info):
-        n = X.shape[0]
+    def aggregate(self, src, *, want_info):
+        n = src.n
         _check_krum(n, self.f, self.name)
-        dist = pairwise_distances(X)
+        dist = pairwise_distances(src)
         scores = krum_scores(dist.D, dist.nonfinite, torch.ones(n, dtype=torch.bool), self.f)
         best = int(ranking(scores, dist.nonfinite)[0])
-        agg = X[best].to(torch.float32, copy=True)
+        agg = _select_mean(src, [best])  # a float32 copy of x_best, block by block
         info = AggregationInfo(self.name, n, f=self.f, selected=[best], rejected=[i for i in range(n) if i != best],
                                scores=scores, nonfinite=indices(dist.nonfinite), backend=dist.backend)
         return agg, info
@@ -103,16 +107,16 @@ class MultiKrum(Rule):
         self.f = check_f(f, self.name)
         self.m = m
 
-    def aggregate(self, X, *, want_info):
-        n = X.shape[0]
+    def aggregate(self, src, *, want_info):
+        n = src.n
         _check_krum(n, self.f, self.name)
         m = n - self.f if self.m is None else self.m
         require(1 <= m <= n, f"multi_krum needs 1 <= m <= n, got m={m}, n={n}")
-        dist = pairwise_distances(X)
+        dist = pairwise_distances(src)
         scores = krum_scores(dist.D, dist.nonfinite, torch.ones(n, dtype=torch.bool), self.f)
         order = ranking(scores, dist.nonfinite).tolist()
         chosen = sorted(order[:m])
-        agg = _select_mean(X, chosen)
+        agg = _select_mean(src, chosen)
         info = AggregationInfo(self.name, n, f=self.f, selected=chosen, rejected=sorted(order[m:]),
                                scores=scores, nonfinite=indices(dist.nonfinite), backend=dist.backend)
         return agg, info
@@ -132,10 +136,10 @@ class Bulyan(Rule):
     def __init__(self, f: int):
         self.f = check_f(f, self.name)
 
-    def aggregate(self, X, *, want_info):
-        n, f = X.shape[0], self.f
+    def aggregate(self, src, *, want_info):
+        n, f = src.n, self.f
         require(n >= 4 * f + 3, f"bulyan needs n >= 4f+3, got n={n}, f={f}")
-        dist = pairwise_distances(X)
+        dist = pairwise_distances(src)
         remaining = torch.ones(n, dtype=torch.bool)
         chosen = []
         for _ in range(n - 2 * f):
@@ -144,7 +148,7 @@ class Bulyan(Rule):
             chosen.append(best)
             remaining[best] = False
         rows = torch.tensor(sorted(chosen), dtype=torch.int64)
-        agg, _ = run("mean_around_median", X, rows, n - 4 * f)
+        agg, _ = apply("mean_around_median", src, rows, n - 4 * f)
         first_scores = krum_scores(dist.D, dist.nonfinite, torch.ones(n, dtype=torch.bool), f)
         info = AggregationInfo(self.name, n, f=f, selected=sorted(chosen), rejected=indices(remaining),
                                scores=first_scores, nonfinite=indices(dist.nonfinite), backend=dist.backend)
@@ -168,24 +172,42 @@ class NNM(Rule):
             raise TypeError(f"nnm: rule must be a tapestry rule object (e.g. tp.TrimmedMean(f=2)), got {type(rule).__name__}")
         self.rule = rule
 
-    def aggregate(self, X, *, want_info):
-        n, f = X.shape[0], self.f
+    def aggregate(self, src, *, want_info):
+        n, f = src.n, self.f
         require(n > f, f"nnm needs n > f, got n={n}, f={f}")
-        dist = pairwise_distances(X)
+        dist = pairwise_distances(src)
         nearest = torch.sort(dist.D, dim=1, stable=True).indices[:, : n - f]
         A = torch.zeros(n, n, dtype=torch.float64)
         A.scatter_(1, nearest, 1.0 / (n - f))
-        good = ~dist.nonfinite
-        A_good = A[good][:, good].to(X.device)
-        Y = torch.full((n, X.shape[1]), float("nan"), dtype=torch.float32, device=X.device)
-        good_dev = good.to(X.device)
-        for start in range(0, X.shape[1], CHUNK):  # float64 mixing, chunked: no (n, d) float64 copy
-            cols = slice(start, start + CHUNK)
-            Y[good_dev, cols] = (A_good @ X[good_dev, cols].to(torch.float64)).to(torch.float32)
-        agg, info = self.rule.aggregate(Y, want_info=want_info)
+        agg, info = self.rule.aggregate(Mixed(src, A, dist.nonfinite), want_info=want_info)
         info.rule = f"nnm+{info.rule}"
         info.nonfinite = indices(dist.nonfinite)
         return agg, info
+
+
+class Mixed(Columns):
+    """The NNM-mixed updates ``A @ X``, produced block by block in float64 (never all at once).
+    Rows of clients with non-finite values are NaN; the others never read those clients."""
+
+    def __init__(self, src: Columns, A: torch.Tensor, nonfinite: torch.Tensor):
+        self.src, self.n, self.d, self.device = src, src.n, src.d, src.device
+        good = ~nonfinite
+        self._good = good.to(src.device)
+        self._A = A[good][:, good].to(src.device)
+
+    def read(self, start, stop):
+        block = self.src.read(start, stop)
+        Y = torch.full((self.n, stop - start), float("nan"), dtype=torch.float32, device=self.device)
+        Y[self._good] = (self._A @ block[self._good].to(torch.float64)).to(torch.float32)
+        return Y
+
+    def blocks(self):
+        for a, b in self.src.blocks():  # bounded float64 temporaries: split big blocks
+            for start in range(a, b, 1 << 16):
+                yield start, min(start + (1 << 16), b)
+
+    def reduce(self, partial):
+        return self.src.reduce(partial)
 
 
 def krum(updates, f: int, *, return_info: bool = False):

@@ -10,17 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CHUNK, AggregationInfo, Rule, indices, nonfinite_rows, require, run
-
-
-def distances_to(X: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``|x_i - z|`` for every row, float64 ``(n,)`` on the CPU; NaN/Inf for non-finite rows."""
-    sq = torch.zeros(X.shape[0], dtype=torch.float64, device=X.device)
-    z64 = z.to(torch.float64)
-    for start in range(0, X.shape[1], CHUNK):
-        cols = slice(start, start + CHUNK)
-        sq += ((X[:, cols].to(torch.float64) - z64[cols]) ** 2).sum(dim=1)
-    return sq.sqrt().cpu()
+from .base import AggregationInfo, Rule, apply, indices, nonfinite_rows, require, sq_distances_to, sq_norm
 
 
 class GeometricMedian(Rule):
@@ -39,25 +29,25 @@ class GeometricMedian(Rule):
         require(max_iter >= 1, f"geometric_median needs max_iter >= 1, got max_iter={max_iter}")
         self.nu, self.tol, self.max_iter = nu, tol, max_iter
 
-    def aggregate(self, X, *, want_info, weights=None):
+    def aggregate(self, src, *, want_info, weights=None):
         from .coordinate import normalised_weights
 
-        n = X.shape[0]
-        bad = nonfinite_rows(X).cpu()
+        n = src.n
+        bad = nonfinite_rows(src)
         w = normalised_weights(weights, n).clone()
         w[bad] = 0
         require(float(w.sum()) > 0, f"geometric_median: every client with weight > 0 sent non-finite values (clients {indices(bad)})")
         b = w / w.sum()
-        z, backend = run("weighted_mean", X, b)
+        z, backend = apply("weighted_mean", src, b)
         it = 0
         for it in range(1, self.max_iter + 1):
-            dist = distances_to(X, z)
+            dist = sq_distances_to(src, z).sqrt()
             b = w / dist.clamp(min=self.nu)
             b[bad] = 0
             b /= b.sum()
-            z_new, _ = run("weighted_mean", X, b)
-            change = float(torch.linalg.vector_norm((z_new - z).to(torch.float64)))
-            scale = float(torch.linalg.vector_norm(z.to(torch.float64)))
+            z_new, _ = apply("weighted_mean", src, b)
+            change = sq_norm(src, z_new - z) ** 0.5
+            scale = sq_norm(src, z) ** 0.5
             z = z_new
             if change <= self.tol * max(scale, self.nu):
                 break
@@ -90,17 +80,18 @@ class CenteredClipping(Rule):
     def reset(self) -> None:
         self._center = None
 
-    def aggregate(self, X, *, want_info, center=None):
-        n, d = X.shape
+    def aggregate(self, src, *, want_info, center=None):
+        n, d = src.n, src.d
         v = center if center is not None else self._center
-        v = torch.zeros(d, dtype=torch.float32, device=X.device) if v is None else torch.as_tensor(v).reshape(-1).to(device=X.device, dtype=torch.float32)
+        v = (torch.zeros(d, dtype=torch.float32, device=src.device) if v is None
+             else torch.as_tensor(v).reshape(-1).to(device=src.device, dtype=torch.float32))
         require(v.numel() == d, f"centered_clipping: center has {v.numel()} values, updates have d={d}")
         backend, c = None, torch.zeros(n, dtype=torch.float64)
         for _ in range(self.iterations):
-            dist = distances_to(X, v)
+            dist = sq_distances_to(src, v).sqrt()
             c = torch.where(torch.isfinite(dist), (self.tau / dist.clamp(min=1e-300)).clamp(max=1.0), torch.zeros_like(dist))
             # v + (1/n) sum_i c_i (x_i - v) = (1 - sum_i c_i / n) v + sum_i (c_i / n) x_i
-            step, backend = run("weighted_mean", X, c / n) if bool((c > 0).any()) else (torch.zeros_like(v), None)
+            step, backend = apply("weighted_mean", src, c / n) if bool((c > 0).any()) else (torch.zeros_like(v), None)
             v = (1 - float(c.sum()) / n) * v + step
         self._center = v.detach().clone()
         info = AggregationInfo(self.name, n, scores=c, nonfinite=indices(~torch.isfinite(dist)), backend=backend,
