@@ -12,9 +12,11 @@ Build flags come from the environment only (``TAPESTRY_NATIVE_DEBUG=1`` builds -
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
+import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,42 +57,57 @@ def _want_cuda() -> Path | None:
 
 
 class BuildExt(build_ext):
-    """Compiles .cu sources with nvcc (in parallel) and C++ sources with the host compiler."""
+    """Compiles each source to its own object, in parallel, skipping objects newer than their source
+    and every header (so rebuilding after a one-file change compiles one file), then links.
 
-    def initialize_options(self):
-        super().initialize_options()
-        self.parallel = os.cpu_count() or 1
+    Concurrent builds in one checkout are serialised by a lock file, and the linked module replaces
+    the old one atomically, so a running Python never loads a half-written extension.
+    """
+
+    def run(self):
+        lock_dir = ROOT / "build"
+        lock_dir.mkdir(exist_ok=True)
+        with open(lock_dir / ".build-lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            super().run()
 
     def build_extension(self, ext):
-        cu = [s for s in ext.sources if s.endswith(".cu")]
-        if cu:
-            ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
-            ext.extra_objects = list(ext.extra_objects or []) + self._nvcc(ext, cu)
-        super().build_extension(ext)
-
-    def _nvcc(self, ext, sources: list[str]) -> list[str]:
-        home = ext.cuda_home
-        archs = os.environ.get("TAPESTRY_CUDA_ARCH", "80;90").split(";")
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
-        out_dir = Path(self.build_temp) / "cuda"
+        out_dir = Path(self.build_temp) / ext.name
         out_dir.mkdir(parents=True, exist_ok=True)
+        headers = [ROOT / h for h in ext.depends]
+        jobs = os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            objects = list(pool.map(lambda src: self._compile(ext, src, out_dir, headers), ext.sources))
+        target = Path(self.get_ext_fullpath(ext.name))
+        if target.exists() and all(Path(o).stat().st_mtime < target.stat().st_mtime for o in objects):
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        cmd = [self._cxx(), "-shared", "-o", str(tmp), *objects, *ext.extra_link_args,
+               *[f"-L{d}" for d in ext.library_dirs], *[f"-l{lib}" for lib in ext.libraries]]
+        print("tapestry: link " + target.name)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        os.replace(tmp, target)
 
-        headers = [ROOT / h for h in _sources("csrc/**/*.h", "csrc/**/*.cuh")]
+    def _cxx(self) -> str:
+        return os.environ.get("CXX", "g++")
 
-        def compile_one(src: str) -> str:
-            obj = str(out_dir / (Path(src).stem + ".o"))
-            if Path(obj).exists() and all(p.stat().st_mtime < Path(obj).stat().st_mtime
-                                          for p in [ROOT / src, *headers]):
-                return obj  # up to date
-            cmd = [str(home / "bin" / "nvcc"), "-c", src, "-o", obj, *OPT, "-std=c++17",
-                   "-Xcompiler", "-fPIC", "-Icsrc", "--expt-relaxed-constexpr", *gencode]
-            print("tapestry: " + " ".join(cmd))
-            subprocess.run(cmd, check=True, cwd=ROOT)
-            return obj
-
-        with ThreadPoolExecutor(max_workers=self.parallel) as pool:
-            return list(pool.map(compile_one, sources))
+    def _compile(self, ext, src: str, out_dir: Path, headers: list[Path]) -> str:
+        obj = out_dir / (src.replace("/", "_") + ".o")
+        if obj.exists() and all(p.stat().st_mtime < obj.stat().st_mtime for p in [ROOT / src, *headers]):
+            return str(obj)
+        includes = [f"-I{d}" for d in [*ext.include_dirs, sysconfig.get_paths()["include"]]]
+        if src.endswith(".cu"):
+            archs = os.environ.get("TAPESTRY_CUDA_ARCH", "80;90").split(";")
+            gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+            gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
+            cmd = [str(ext.cuda_home / "bin" / "nvcc"), "-c", src, "-o", str(obj), *OPT, "-std=c++17",
+                   "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", *gencode, *includes]
+        else:
+            cmd = [self._cxx(), "-c", src, "-o", str(obj), "-fPIC", *ext.extra_compile_args, *includes]
+        print(f"tapestry: compile {src}")
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        return str(obj)
 
 
 CXX_FLAGS = [*OPT, "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
@@ -118,7 +135,7 @@ if cuda_home is not None:
         library_dirs=[str(libdir)],
         libraries=["cudart_static", "rt", "pthread", "dl"],
         extra_compile_args=[*OPT, "-std=c++17", "-fvisibility=hidden"],
-        depends=_sources("csrc/**/*.h", "csrc/**/*.cuh", "csrc/cuda/*.cu"),
+        depends=_sources("csrc/**/*.h", "csrc/**/*.cuh"),
         language="c++",
     )
     cuda_ext.cuda_home = cuda_home
