@@ -33,7 +33,7 @@ def pairwise_distances(src: Columns) -> Distances:
 def distances_from_gram(G: torch.Tensor, backend: str) -> Distances:
     g = G.diagonal()
     nonfinite = ~torch.isfinite(g)  # a NaN/Inf entry makes the row's own square non-finite
-    D = (g[:, None] + g[None, :] - 2 * G).clamp_(min=0)
+    D = (g[:, None] + g[None, :] - (G + G.T)).clamp_(min=0)  # exactly symmetric, so mutual ties stay ties
     D[nonfinite, :] = float("inf")
     D[:, nonfinite] = float("inf")
     D.fill_diagonal_(0)
