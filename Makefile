@@ -18,7 +18,7 @@ build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
 demo: build
-	$(VENV)/bin/tapestry bench --quick
+	$(VENV)/bin/tapestry simulate --task digits --compare mean,trimmed_mean,median,krum,bulyan --attack signflip --byzantine 0.2 --out out/demo
 
 test: build
 	$(PY) -m pytest -q tests

@@ -222,3 +222,12 @@ def test_forcing_an_unknown_or_missing_backend_is_a_clear_error():
     with tp.backend("cuda"):  # CPU tensors: refused whether or not a GPU exists
         with pytest.raises(tp.BackendError, match="backend 'cuda' cannot run trimmed_mean on cpu"):
             tp.trimmed_mean(updates(5, 3), f=1)
+
+
+def test_make_rule_builds_every_rule_and_nnm_compositions():
+    assert repr(tp.make_rule("nnm+median", f=2)) == "NNM(f=2, rule=Median())"
+    assert repr(tp.make_rule("nnm+krum", f=2)) == "NNM(f=2, rule=Krum(f=2))"
+    X = updates(9, 10)
+    assert torch.equal(tp.make_rule("nnm+trimmed_mean", f=2)(X), tp.nnm(X, 2, tp.TrimmedMean(f=2)))
+    with pytest.raises(ValueError, match="NNM needs f"):
+        tp.make_rule("nnm+median")

@@ -1,8 +1,59 @@
-// tapestry._C bindings for the robust kernels: argument unpacking only.
+// tapestry._C bindings for the robust kernels: argument unpacking only. Pointers are data_ptr()s
+// of tensors that tapestry.backends.cpu has checked (dtype, shape, unit stride along d).
 #include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "cpu/simd.h"
 
 namespace py = pybind11;
 
+namespace tapestry {
+void weighted_mean(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, const double* w, float* out);
+void trimmed_mean(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, int64_t f, float* out);
+void coord_median(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, float* out);
+void mean_around_median(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, const int64_t* rows,
+                        int64_t m, int64_t k, float* out);
+void gram(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, double* G);
+}  // namespace tapestry
+
+template <class T>
+static T* ptr(uintptr_t p) {
+    return reinterpret_cast<T*>(p);
+}
+
 void bind_robust(py::module_& m) {
-    (void)m;
+    using namespace tapestry;
+    auto nogil = py::call_guard<py::gil_scoped_release>();
+    m.def("weighted_mean",
+          [](uintptr_t X, int64_t n, int64_t d, int64_t stride, int dtype, uintptr_t w, uintptr_t out) {
+              weighted_mean(ptr<const void>(X), n, d, stride, dtype, ptr<const double>(w), ptr<float>(out));
+          },
+          nogil, "out[j] = sum_i w[i] X[i, j] over rows with w[i] != 0 (float64 accumulation)");
+    m.def("trimmed_mean",
+          [](uintptr_t X, int64_t n, int64_t d, int64_t stride, int dtype, int64_t f, uintptr_t out) {
+              trimmed_mean(ptr<const void>(X), n, d, stride, dtype, f, ptr<float>(out));
+          },
+          nogil, "per column, mean of the values ranked f .. n-f-1");
+    m.def("coord_median",
+          [](uintptr_t X, int64_t n, int64_t d, int64_t stride, int dtype, uintptr_t out) {
+              coord_median(ptr<const void>(X), n, d, stride, dtype, ptr<float>(out));
+          },
+          nogil, "per column median (mean of the two middle values for even n)");
+    m.def("mean_around_median",
+          [](uintptr_t X, int64_t n, int64_t d, int64_t stride, int dtype, uintptr_t rows, int64_t m, int64_t k,
+             uintptr_t out) {
+              mean_around_median(ptr<const void>(X), n, d, stride, dtype, ptr<const int64_t>(rows), m, k,
+                                 ptr<float>(out));
+          },
+          nogil, "per column over the given rows, mean of the k values nearest their median");
+    m.def("gram",
+          [](uintptr_t X, int64_t n, int64_t d, int64_t stride, int dtype, uintptr_t G) {
+              gram(ptr<const void>(X), n, d, stride, dtype, ptr<double>(G));
+          },
+          nogil, "float64 Gram matrix of the rows after a per-column shift (first finite value)");
+    m.def("set_isa", [](int isa) { simd::isa_cap() = isa; },
+          "cap the SIMD path used by the robust kernels: 0 portable, 1 avx2, 2 avx512, -1 best available");
+    m.def("isa", []() { return std::string(simd::isa_name(simd::active())); },
+          "the SIMD path the robust kernels use now");
 }

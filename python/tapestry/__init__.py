@@ -21,6 +21,17 @@ from .updates import UpdateSpec, as_matrix
 
 __version__ = "0.1.0"
 
+_SUBPACKAGES = ("compression", "secure", "federated", "distributed", "integrations")
+
+
+def __getattr__(name: str):
+    """``tp.compression``, ``tp.secure``, ... load on first use (``import tapestry`` stays light)."""
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'tapestry' has no attribute {name!r}")
+
 __all__ = [
     "AggregationInfo", "Rule", "RULES", "make_rule", "UpdateSpec", "as_matrix",
     "Mean", "TrimmedMean", "Median", "Krum", "MultiKrum", "Bulyan", "NNM", "GeometricMedian", "CenteredClipping",

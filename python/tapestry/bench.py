@@ -4,11 +4,20 @@ Shared machines drift, so each row reports its time as a ratio to a baseline mea
 run on the same data (a plain copy of the bytes, torch ``X.mean(0)``, ``X @ X.T``), next to ms and
 GB/s of bytes read. Families of cases: ``robust`` (here), and ``compression`` / ``secure`` from
 their packages' ``bench_cases`` modules when present.
+
+A case names its baseline by name (a case with ``is_baseline``) or as ``name:backend:dtype`` (any
+case timed before it; the bfloat16 trimmed mean is compared with its own float32 time). The ratio
+is the median over ``repeat`` rounds of the two timed back to back (:func:`paired_ratio`), so a
+load that comes and goes on a shared machine slows both sides of each round alike. ``bw%``
+is the row's GB/s as a share of the copy's (which moves each byte twice: read and write, into a
+preallocated buffer, so no page faults are timed). ``extra`` is the peak resident memory a call
+adds beyond what it returns (see :func:`measure_extra`), also as a share of the input's bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import importlib
 import json
@@ -67,6 +76,8 @@ class Row:
     ratio: float | None
     extra_mib: float | None = None
     notes: dict = field(default_factory=dict)
+    extra_pct: float | None = None  # extra_mib as a percentage of the case's bytes read
+    bw_pct: float | None = None  # GB/s as a percentage of the copy's GB/s
 
 
 def _peak_rss_reset() -> bool:
@@ -86,20 +97,54 @@ def _rss_kib(field_name: str) -> int:
     return 0
 
 
+_libc: ctypes.CDLL | None | bool = None
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, set so that every block of 128 KiB or more is its own mmap, unmapped when freed.
+
+    By default glibc raises its mmap threshold after a large block is freed (up to 32 MiB), and
+    later temporaries are then carved from pages that are already resident: they would never show
+    in the peak RSS. A fixed threshold makes each large temporary fault in fresh pages (counted)
+    and give them back when freed (so the next measurement starts clean)."""
+    global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL("libc.so.6")
+            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+            ok = lib.mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1 and lib.mallopt(M_TRIM_THRESHOLD, 128 * 1024) == 1
+            _libc = lib if ok else False
+        except OSError:
+            _libc = False
+    return _libc or None
+
+
+def measure_extra(fn: Callable[[], object]) -> float | None:
+    """Peak resident memory, in MiB, that one call of ``fn`` adds beyond what it returns (CPU).
+
+    Call it after a warm-up call (thread pools, lazy imports and caches exist then). The peak is
+    read from VmHWM after resetting it through /proc/self/clear_refs, with glibc set as in
+    :func:`_glibc`; None where either is unavailable (the number would not be trustworthy)."""
+    lib = _glibc()
+    if lib is None:
+        return None
+    gc.collect()
+    lib.malloc_trim(0)
+    before = _rss_kib("VmRSS")
+    if not _peak_rss_reset():
+        return None
+    out = fn()
+    peak = _rss_kib("VmHWM")
+    held = _rss_kib("VmRSS") - before  # what the result keeps alive
+    del out
+    return max(0, peak - before - max(held, 0)) / 1024
+
+
 def time_case(fn: Callable[[], object], device: str, repeat: int) -> tuple[float, float | None]:
     """Median wall time in ms over ``repeat`` runs after one warm-up, and (CPU only) the peak
-    resident memory the call added, in MiB, beyond what it returns."""
-    extra = None
-    if device == "cpu" and _peak_rss_reset():
-        gc.collect()
-        before = _rss_kib("VmRSS")
-        _peak_rss_reset()
-        out = fn()
-        held = _rss_kib("VmRSS") - before  # what the result keeps alive
-        extra = max(0, _rss_kib("VmHWM") - before - max(held, 0)) / 1024
-        del out
-    else:
-        fn()
+    resident memory the call added, in MiB, beyond what it returns (:func:`measure_extra`)."""
+    fn()  # warm-up: lazy imports, thread pools, allocator caches
+    extra = measure_extra(fn) if device == "cpu" else None
     times = []
     for _ in range(repeat):
         if device.startswith("cuda"):
@@ -114,6 +159,40 @@ def time_case(fn: Callable[[], object], device: str, repeat: int) -> tuple[float
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), extra
+
+
+def case_key(case: Case) -> str:
+    """``name:backend:dtype``: how a case is named as another's baseline."""
+    return f"{case.name}:{case.backend}:{case.dtype}"
+
+
+def find_baseline(case: Case, pool: list[Case]) -> Case | None:
+    """The case ``case.baseline`` names in ``pool`` (a baseline's name, or a ``case_key``)."""
+    if not case.baseline:
+        return None
+    return next((c for c in pool if case_key(c) == case.baseline or (c.is_baseline and c.name == case.baseline)), None)
+
+
+def paired_ratio(fn: Callable[[], object], base: Callable[[], object], repeat: int, device: str = "cpu") -> float:
+    """Median over ``repeat`` rounds of time(fn) / time(base), the two timed back to back in each
+    round (alternating which goes first), so that a shared machine's load hits both alike."""
+    def timed(g):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        g()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    ratios = []
+    for i in range(repeat):
+        if i % 2:
+            tb, tf = timed(base), timed(fn)
+        else:
+            tf, tb = timed(fn), timed(base)
+        ratios.append(tf / tb)
+    return statistics.median(ratios)
 
 
 def _backends_for(device: str) -> list[str]:
@@ -134,8 +213,9 @@ def cases(cfg: Config) -> list[Case]:
     X = torch.randn(cfg.n, cfg.d, generator=g).to(cfg.device)
     Xb = X.to(torch.bfloat16)
     nbytes = X.numel() * X.element_size()
+    dst = torch.empty_like(X)
     out = [
-        Case("robust", "copy", lambda: X.clone(), nbytes, is_baseline=True),
+        Case("robust", "copy", lambda: dst.copy_(X), 2 * nbytes, is_baseline=True),
         Case("robust", "torch_mean", lambda: X.mean(0), nbytes, is_baseline=True),
         Case("robust", "matmul_XXt", lambda: X @ X.T, nbytes, is_baseline=True),
         Case("robust", "torch_sort_trimmed_mean", lambda: torch.sort(X, 0).values[cfg.f : cfg.n - cfg.f].mean(0), nbytes,
@@ -153,7 +233,7 @@ def cases(cfg: Config) -> list[Case]:
             Case("robust", "mean", with_backend(b, lambda: tp.mean(X)), nbytes, b, baseline="torch_mean"),
             Case("robust", "trimmed_mean", with_backend(b, lambda: tp.trimmed_mean(X, f=cfg.f)), nbytes, b, baseline="torch_mean"),
             Case("robust", "trimmed_mean", with_backend(b, lambda: tp.trimmed_mean(Xb, f=cfg.f)), nbytes // 2, b, "bfloat16",
-                 baseline="torch_mean"),
+                 baseline=f"trimmed_mean:{b}:float32"),
             Case("robust", "median", with_backend(b, lambda: tp.median(X)), nbytes, b, baseline="torch_mean"),
             Case("robust", "krum", with_backend(b, lambda: tp.krum(X, f=cfg.f)), nbytes, b, baseline="matmul_XXt"),
             Case("robust", "multi_krum", with_backend(b, lambda: tp.multi_krum(X, f=cfg.f, m=cfg.n - cfg.f)), nbytes, b,
@@ -162,6 +242,29 @@ def cases(cfg: Config) -> list[Case]:
                  baseline="matmul_XXt"),
         ]
     return out
+
+
+# The issue's speed floors for the robust family: (case, dtype, the most its ratio may be).
+FLOORS = [("trimmed_mean", "float32", 2.0), ("median", "float32", 2.5), ("krum", "float32", 1.5),
+          ("trimmed_mean", "bfloat16", 0.6)]
+EXTRA_FLOOR_PCT = {"trimmed_mean": 10.0, "median": 10.0, "krum": 10.0}
+
+
+def check_floors(rows: list[Row]) -> list[str]:
+    """One line per floor and per backend: the measured ratio (or extra memory) against its bar."""
+    lines = []
+    for r in rows:
+        if r.family != "robust":
+            continue
+        for name, dtype, bar in FLOORS:
+            if r.name == name and r.dtype == dtype and r.ratio is not None:
+                verdict = "ok" if r.ratio <= bar else "ABOVE"
+                lines.append(f"  {name} {dtype} [{r.backend}]: {r.ratio:.2f}x {r.baseline} (floor {bar}x) {verdict}")
+        if r.name in EXTRA_FLOOR_PCT and r.extra_pct is not None and r.dtype == "float32":
+            bar = EXTRA_FLOOR_PCT[r.name]
+            verdict = "ok" if r.extra_pct <= bar else "ABOVE"
+            lines.append(f"  {r.name} extra memory [{r.backend}]: {r.extra_pct:.2f}% of the input (floor {bar}%) {verdict}")
+    return lines
 
 
 def run_bench(cfg: Config, families: list[str]) -> list[Row]:
@@ -173,14 +276,22 @@ def run_bench(cfg: Config, families: list[str]) -> list[Row]:
             print(f"[{fam}] skipped: {exc}")
             continue
         fam_cases = module.cases(cfg)
-        times: dict[str, float] = {}
+        done: list[Case] = []
+        copy_gbps = None
         for case in fam_cases:
             ms, extra = time_case(case.run, cfg.device, cfg.repeat)
-            if case.is_baseline:
-                times[case.name] = ms
-            ratio = ms / times[case.baseline] if case.baseline in times else None
-            rows.append(Row(case.family, case.name, case.backend, case.dtype, ms, case.bytes_read / ms / 1e6,
-                            case.baseline, ratio, extra))
+            gbps = case.bytes_read / ms / 1e6
+            if case.name == "copy":
+                copy_gbps = gbps
+            base = find_baseline(case, done)  # only cases timed before this one
+            ratio = paired_ratio(case.run, base.run, cfg.repeat, cfg.device) if base is not None else None
+            done.append(case)
+            row = Row(case.family, case.name, case.backend, case.dtype, ms, gbps, case.baseline, ratio, extra)
+            if extra is not None and case.bytes_read:
+                row.extra_pct = 100 * extra * 2**20 / case.bytes_read
+            if copy_gbps:
+                row.bw_pct = 100 * gbps / copy_gbps
+            rows.append(row)
             print(_format(rows[-1]), flush=True)
         del fam_cases
         gc.collect()
@@ -189,8 +300,10 @@ def run_bench(cfg: Config, families: list[str]) -> list[Row]:
 
 def _format(r: Row) -> str:
     ratio = f"{r.ratio:6.2f}x {r.baseline}" if r.ratio is not None else "baseline"
-    extra = f"{r.extra_mib:8.1f}" if r.extra_mib is not None else "       -"
-    return f"{r.family:12s} {r.name:26s} {r.backend:9s} {r.dtype:9s} {r.ms:10.2f} {r.gbps:8.2f} {extra}   {ratio}"
+    extra = f"{r.extra_mib:8.1f} {r.extra_pct:5.1f}%" if r.extra_mib is not None and r.extra_pct is not None else \
+        f"{r.extra_mib:8.1f}       " if r.extra_mib is not None else "       -       "
+    bw = f"{r.bw_pct:5.0f}%" if r.bw_pct is not None else "     -"
+    return f"{r.family:12s} {r.name:26s} {r.backend:9s} {r.dtype:9s} {r.ms:10.2f} {r.gbps:8.2f} {bw} {extra}   {ratio}"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -205,6 +318,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _glibc()  # before the inputs exist, so that no earlier free chunk hides a temporary
     default_d = 1 << 26 if args.device.startswith("cuda") else 4_194_304
     cfg = Config(n=args.n or 32, d=args.d or (1 << 20 if args.quick else default_d), f=args.f, device=args.device,
                  repeat=args.repeat or (3 if args.quick else 7))
@@ -215,8 +329,13 @@ def run(args: argparse.Namespace) -> int:
                "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None}
     print(f"tapestry bench: n={cfg.n} d={cfg.d} f={cfg.f} device={cfg.device} repeat={cfg.repeat} "
           f"threads={machine['torch_threads']}")
-    print(f"{'family':12s} {'case':26s} {'backend':9s} {'dtype':9s} {'ms':>10s} {'GB/s':>8s} {'extraMiB':>8s}   ratio")
+    print(f"{'family':12s} {'case':26s} {'backend':9s} {'dtype':9s} {'ms':>10s} {'GB/s':>8s} {'bw%':>6s} "
+          f"{'extraMiB':>8s} {'extra':>6s}   ratio")
     rows = run_bench(cfg, args.family or list(FAMILIES))
+    floors = check_floors(rows)
+    if floors:
+        print(f"speed and memory floors (n={cfg.n}, d={cfg.d}, f={cfg.f}; bars hold for n=32, d=4194304, f=8):")
+        print("\n".join(floors))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"config": asdict(cfg), "machine": machine, "rows": [asdict(r) for r in rows]}, fh, indent=2)

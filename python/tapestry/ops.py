@@ -49,7 +49,18 @@ OPS: dict[str, str] = {
     "mean_around_median": "(X, rows: (m,) int64, k: int) -> (d,): per coordinate over rows, mean of the k values closest to their median",
     "gram": "(X) -> (n, n) float64: Gram matrix of the rows after a common per-coordinate shift",
     # -- compression (see tapestry.compression)
+    #    blockwise symmetric absmax, float32 steps shared bit for bit by every backend (reference.py);
+    #    key = (k0, k1) uint32 generator key for stochastic rounding, None for round to nearest;
+    #    block even, 2..4096; the dequantize ops decode n rows per call (list arguments, one per row)
+    "quantize_int8": "(x: (m,) float32/float16/bfloat16 contiguous, block, key, out=None: (q, scales) to fill) -> (q: (m,) int8, scales: (ceil(m/block),) float32)",
+    "dequantize_int8": "(qs: [n x int8 codes], scales: [n x float32], block, outs: [n x (m,) float32 contiguous], start=0) -> outs: values start .. start+m-1 (start a multiple of block)",
+    "quantize_int4": "(x: (m,) float32/float16/bfloat16 contiguous, block, key, out=None) -> (packed: (ceil(m/2),) uint8, scales)",
+    "dequantize_int4": "(qs: [n x packed uint8], scales: [n x float32], block, outs: [n x (m,) float32], start=0) -> outs",
     # -- secure sum (see tapestry.secure)
+    #    ring elements are uint32 stored as int32 bit patterns; key (8,) / keys (m, 8) and nonce (3,)
+    #    are int32 words on the data's device; offsets count keystream words (SPEC.md layout)
+    "chacha20_keystream": "(key, nonce, offset: int, count: int) -> (count,) int32: ChaCha20 words offset .. offset+count-1",
+    "chacha20_mask": "(x: (d,) int32, keys: (m, 8), signs: (m,) int8 of +-1, nonce, offset: int, out=None) -> (d,) int32: x + sum_j signs_j PRG(keys_j)[offset:offset+d] mod 2^32",
 }
 
 BACKENDS: dict[str, str] = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from .base import AggregationInfo, Rule
 from .coordinate import Mean, Median, TrimmedMean, mean, median, trimmed_mean
 from .distance import NNM, Bulyan, Krum, MultiKrum, bulyan, krum, multi_krum, nnm
@@ -22,10 +24,15 @@ RULES: dict[str, type[Rule]] = {
 
 def make_rule(name: str, **params) -> Rule:
     """A rule object from its name (see :data:`RULES`) and parameters; ``nnm+<rule>`` wraps
-    ``<rule>`` in NNM pre-aggregation with the same ``f``. Unknown names list the valid ones."""
+    ``<rule>`` in NNM pre-aggregation with the same ``f`` (given to ``<rule>`` too when it takes
+    one). Unknown names list the valid ones."""
     if name.startswith("nnm+"):
-        inner = make_rule(name[4:], **params)
-        return NNM(params["f"], inner)
+        if "f" not in params:
+            raise ValueError(f"{name}: NNM needs f")
+        inner_params = dict(params)
+        if "f" not in inspect.signature(RULES.get(name[4:], Rule).__init__).parameters:
+            inner_params.pop("f")
+        return NNM(params["f"], make_rule(name[4:], **inner_params))
     if name not in RULES:
         raise ValueError(f"unknown rule {name!r}; valid: {', '.join(RULES)}, or nnm+<rule>")
     return RULES[name](**params)

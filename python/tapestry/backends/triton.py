@@ -35,8 +35,96 @@ def rejects(device: torch.device) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # robust aggregation (tapestry_kernels/select.py, gram.py, mean.py)
 
+
+def _on_device(X: torch.Tensor):
+    """Launch on X's GPU (Triton launches on the current device), nothing for CPU tensors."""
+    import contextlib
+
+    return torch.cuda.device(X.device) if X.is_cuda else contextlib.nullcontext()
+
+
+def weighted_mean(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    from tapestry_kernels import mean
+
+    with _on_device(X):
+        return mean.weighted_mean(X, w)
+
+
+def trimmed_mean(X: torch.Tensor, f: int) -> torch.Tensor:
+    from tapestry_kernels import select
+
+    with _on_device(X):
+        return select.trimmed_mean(X, f)
+
+
+def coord_median(X: torch.Tensor) -> torch.Tensor:
+    from tapestry_kernels import select
+
+    with _on_device(X):
+        return select.coord_median(X)
+
+
+def mean_around_median(X: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    from tapestry_kernels import select
+
+    with _on_device(X):
+        return select.mean_around_median(X, rows, k)
+
+
+def gram(X: torch.Tensor) -> torch.Tensor:
+    from tapestry_kernels import gram as kernels
+
+    with _on_device(X):
+        return kernels.gram(X)
+
+
 # ---------------------------------------------------------------------------------------------
 # compression (tapestry_kernels/quant.py)
 
+
+def quantize_int8(x: torch.Tensor, block: int, key, out=None):
+    from tapestry_kernels import quant
+
+    with _on_device(x):
+        return quant.quantize_int8(x, block, key, out)
+
+
+def quantize_int4(x: torch.Tensor, block: int, key, out=None):
+    from tapestry_kernels import quant
+
+    with _on_device(x):
+        return quant.quantize_int4(x, block, key, out)
+
+
+def dequantize_int8(qs, scales, block: int, outs, start: int = 0):
+    from tapestry_kernels import quant
+
+    with _on_device(outs[0]) if outs else _on_device(torch.empty(0)):
+        return quant.dequantize_int8([q[start:] for q in qs], [s[start // block :] for s in scales], block, outs)
+
+
+def dequantize_int4(qs, scales, block: int, outs, start: int = 0):
+    from tapestry_kernels import quant
+
+    with _on_device(outs[0]) if outs else _on_device(torch.empty(0)):
+        return quant.dequantize_int4([q[start // 2 :] for q in qs], [s[start // block :] for s in scales], block, outs)
+
+
 # ---------------------------------------------------------------------------------------------
 # secure sum (tapestry_kernels/chacha.py)
+
+
+def chacha20_keystream(key: torch.Tensor, nonce: torch.Tensor, offset: int, count: int) -> torch.Tensor:
+    from tapestry_kernels import chacha
+
+    with _on_device(key):
+        return chacha.chacha20_keystream(key.contiguous(), nonce.contiguous(), offset, count)
+
+
+def chacha20_mask(x: torch.Tensor, keys: torch.Tensor, signs: torch.Tensor, nonce: torch.Tensor, offset: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    from tapestry_kernels import chacha
+
+    with _on_device(x):
+        return chacha.chacha20_mask(x.contiguous(), keys.contiguous(), signs.to(torch.int8).contiguous(),
+                                    nonce.contiguous(), offset, out=out)

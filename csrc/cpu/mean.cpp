@@ -1,0 +1,87 @@
+// weighted_mean: out_j = sum_i w_i x_ij, accumulated in float64 in row order.
+//
+// Columns are cut into blocks of B coordinates whose float64 accumulators stay in L1; each block
+// streams the rows with w_i != 0 (the others are never read, so their NaN cannot propagate).
+// Multiply then add, never fused (fp-contract is off under -std=c++17): every ISA and every
+// lane does the same arithmetic, so any column blocking gives bit-identical results.
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "simd.h"
+
+namespace tapestry {
+namespace {
+
+using namespace simd;
+
+constexpr int64_t B = 2048;  // coordinates per block: 16 KiB of float64 accumulators
+
+struct MeanJob {
+    const char* base;
+    const int64_t* row_off;  // byte offsets of the rows with w != 0
+    const double* w;         // their weights
+    int64_t m, d;
+    int dtype;
+    float* out;
+};
+
+template <class T>
+TAPESTRY_INLINE void mean_block(const MeanJob& J, int64_t j0, double* acc) {
+    using R = typename T::Raw;
+    const int64_t b = std::min(B, J.d - j0);
+    for (int64_t l = 0; l < b; ++l) acc[l] = 0.0;
+    for (int64_t i = 0; i < J.m; ++i) {
+        const R* src = reinterpret_cast<const R*>(J.base + J.row_off[i]) + j0;
+        const double wi = J.w[i];
+        if (i + 1 < J.m) {  // the next row's part of this block, into L2, while this row is summed
+            const char* next = J.base + J.row_off[i + 1] + j0 * static_cast<int64_t>(sizeof(R));
+            for (int64_t byte = 0; byte < b * static_cast<int64_t>(sizeof(R)); byte += 64) __builtin_prefetch(next + byte, 0, 2);
+        }
+        for (int64_t l = 0; l < b; ++l) acc[l] += wi * static_cast<double>(T::to_float(src[l]));
+    }
+    for (int64_t l = 0; l < b; ++l) J.out[j0 + l] = static_cast<float>(acc[l]);
+}
+
+using BlockFn = void (*)(const MeanJob&, int64_t, double*);
+
+#define TAPESTRY_MEAN_BLOCK_FN(NAME, ATTR)                        \
+    ATTR void NAME(const MeanJob& J, int64_t j0, double* acc) {   \
+        if (J.dtype == kFloat32)                                  \
+            mean_block<F32>(J, j0, acc);                          \
+        else if (J.dtype == kFloat16)                             \
+            mean_block<F16>(J, j0, acc);                          \
+        else                                                      \
+            mean_block<BF16>(J, j0, acc);                         \
+    }
+
+TAPESTRY_MEAN_BLOCK_FN(mean_block_avx512, TAPESTRY_AVX512)
+TAPESTRY_MEAN_BLOCK_FN(mean_block_avx2, TAPESTRY_AVX2)
+TAPESTRY_MEAN_BLOCK_FN(mean_block_portable, )
+
+}  // namespace
+
+void weighted_mean(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, const double* w, float* out) {
+    if (d <= 0) return;
+    const int64_t es = dtype == kFloat32 ? 4 : 2;
+    std::vector<int64_t> off;
+    std::vector<double> wk;
+    for (int64_t i = 0; i < n; ++i)
+        if (w[i] != 0.0) {
+            off.push_back(i * stride * es);
+            wk.push_back(w[i]);
+        }
+    MeanJob J{static_cast<const char*>(X), off.data(), wk.data(), static_cast<int64_t>(off.size()), d, dtype, out};
+    const Isa isa = active();
+    const BlockFn fn = isa == kAvx512 ? mean_block_avx512 : isa == kAvx2 ? mean_block_avx2 : mean_block_portable;
+    const int64_t nblocks = (d + B - 1) / B;
+#pragma omp parallel if (nblocks > 1)
+    {
+        Scratch<double> acc(B);
+#pragma omp for schedule(dynamic, 2)  // blocks are independent: balances a busy machine
+        for (int64_t i = 0; i < nblocks; ++i) fn(J, i * B, acc.p);
+    }
+}
+
+}  // namespace tapestry

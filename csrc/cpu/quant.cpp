@@ -1,0 +1,306 @@
+// Blockwise int8/int4 quantisation (see quant.h for the math).
+//
+// Work is split into chunks of whole blocks, run in parallel with OpenMP. The float32 int8 paths
+// (the hot ones) have AVX2 versions picked at run time (__builtin_cpu_supports, no -march=native);
+// everything else is portable scalar code the compiler vectorises where it can. The AVX2 code does
+// exactly the scalar float32 operations lane by lane, so both paths give identical bytes.
+#include "quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <immintrin.h>
+
+#include "../common.h"
+
+namespace tapestry {
+namespace {
+
+using quant::block_scale;
+using quant::uniform;
+
+// block <= kMaxBlock and even (checked in Python), so a block fits the scratch and int4 pairs never
+// straddle blocks.
+constexpr int64_t kMaxBlock = 4096;
+
+inline float load(const float* x, int64_t j) { return x[j]; }
+inline float load(const uint16_t* x, int64_t j) {  // bfloat16: the high half of a float32
+    uint32_t b = uint32_t(x[j]) << 16;
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+}
+inline float load(const _Float16* x, int64_t j) { return float(x[j]); }
+
+inline uint32_t abs_bits(float v) {
+    uint32_t b;
+    std::memcpy(&b, &v, 4);
+    return b & 0x7fffffffu;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(TAPESTRY_PORTABLE_ONLY)
+#define TP_HAVE_AVX2_PATH 1
+bool has_avx2() {
+    static const bool yes = __builtin_cpu_supports("avx2");
+    return yes;
+}
+
+__attribute__((target("avx2"))) inline __m256i mix32_x8(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int32_t(0x846ca68bu)));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+// u for the 16 elements j .. j + 15 (j even): 8 hashes of the pairs j/2 .. j/2 + 7, low halves to
+// even elements and high halves to odd ones (see quant::uniform).
+__attribute__((target("avx2"))) inline void uniform_x16(uint32_t j, __m256i k0, __m256i k1, __m256* ua, __m256* ub) {
+    __m256i pair = _mm256_add_epi32(_mm256_set1_epi32(int32_t(j >> 1)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i r = mix32_x8(_mm256_xor_si256(mix32_x8(_mm256_xor_si256(pair, k0)), k1));
+    __m256i even = _mm256_and_si256(r, _mm256_set1_epi32(0xffff)), odd = _mm256_srli_epi32(r, 16);
+    __m256i lo = _mm256_unpacklo_epi32(even, odd), hi = _mm256_unpackhi_epi32(even, odd);  // per 128-bit lane
+    const __m256 scale = _mm256_set1_ps(1.52587890625e-05f);
+    *ua = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo, hi, 0x20)), scale);
+    *ub = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo, hi, 0x31)), scale);
+}
+
+// q for 8 consecutive values (int32 lanes).
+__attribute__((target("avx2"))) inline __m256i quant_x8(const float* x, __m256 u, __m256 inv, __m256 qmax) {
+    __m256 t = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x), inv), u));  // no FMA: matches scalar
+    t = _mm256_min_ps(_mm256_max_ps(t, _mm256_sub_ps(_mm256_setzero_ps(), qmax)), qmax);
+    return _mm256_cvttps_epi32(t);
+}
+
+// One block of float32 values with AVX2: its scale and `len` codes in [-qmax, qmax] at qb (int8
+// codes, or int4 codes before packing); a non-finite block gets codes 0.
+__attribute__((target("avx2"))) void quantize_block_avx2(const float* x, int64_t start, int64_t len, float qmax,
+                                                         bool stochastic, uint32_t k0, uint32_t k1, int8_t* qb,
+                                                         float* scale_out) {
+    const float* xb = x + start;
+    __m256i mx = _mm256_setzero_si256();
+    const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8)
+        mx = _mm256_max_epu32(mx, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + j)), absmask));
+    alignas(32) uint32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), mx);
+    uint32_t m = 0;
+    for (int l = 0; l < 8; ++l) m = std::max(m, lanes[l]);
+    for (; j < len; ++j) m = std::max(m, abs_bits(xb[j]));
+    float scale, inv;
+    block_scale(m, qmax, &scale, &inv);
+    *scale_out = scale;
+    if (m >= quant::kInfBits) {
+        std::memset(qb, 0, size_t(len));
+        return;
+    }
+    const __m256 vinv = _mm256_set1_ps(inv), vq = _mm256_set1_ps(qmax);
+    const __m256i vk0 = _mm256_set1_epi32(int32_t(k0)), vk1 = _mm256_set1_epi32(int32_t(k1));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    j = 0;
+    for (; j + 32 <= len; j += 32) {
+        __m256 u0 = _mm256_set1_ps(0.5f), u1 = u0, u2 = u0, u3 = u0;
+        if (stochastic) {  // start is a multiple of the (even) block, so start + j is even
+            uniform_x16(uint32_t(start + j), vk0, vk1, &u0, &u1);
+            uniform_x16(uint32_t(start + j + 16), vk0, vk1, &u2, &u3);
+        }
+        __m256i a = quant_x8(xb + j, u0, vinv, vq);
+        __m256i b = quant_x8(xb + j + 8, u1, vinv, vq);
+        __m256i c = quant_x8(xb + j + 16, u2, vinv, vq);
+        __m256i d = quant_x8(xb + j + 24, u3, vinv, vq);
+        // packs work per 128-bit lane; the permute restores element order
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + j), _mm256_permutevar8x32_epi32(p, order));
+    }
+    for (; j < len; ++j) {
+        float u = stochastic ? uniform(uint32_t(start + j), k0, k1) : 0.5f;
+        float t = std::floor(xb[j] * inv + u);
+        qb[j] = int8_t(int32_t(std::min(std::max(t, -qmax), qmax)));
+    }
+}
+
+__attribute__((target("avx2"))) void dequantize_int8_avx2(const int8_t* q, const float* scales, int64_t j0,
+                                                          int64_t j1, int64_t block, float* out) {
+    for (int64_t start = j0; start < j1; start += block) {
+        const float s = scales[start / block];
+        const __m256 vs = _mm256_set1_ps(s);
+        const int64_t len = std::min(block, j1 - start);
+        const int8_t* qb = q + start;
+        float* o = out + start;
+        int64_t j = 0;
+        for (; j + 8 <= len; j += 8) {
+            __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + j)));
+            _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_cvtepi32_ps(v), vs));
+        }
+        for (; j < len; ++j) o[j] = float(qb[j]) * s;
+    }
+}
+#endif
+
+// q for one block of `len` values; u = 0.5 (nearest) or the counter-based uniform.
+template <typename T>
+inline void quantize_block(const T* x, int64_t start, int64_t len, float qmax, bool stochastic, uint32_t k0,
+                           uint32_t k1, float* v, float* scale_out) {
+    uint32_t m = 0;
+    for (int64_t j = 0; j < len; ++j) m = std::max(m, abs_bits(load(x, start + j)));
+    float scale, inv;
+    block_scale(m, qmax, &scale, &inv);
+    *scale_out = scale;
+    if (m >= quant::kInfBits) {
+        for (int64_t j = 0; j < len; ++j) v[j] = 0.0f;
+        return;
+    }
+    for (int64_t j = 0; j < len; ++j) {
+        float u = stochastic ? uniform(uint32_t(start + j), k0, k1) : 0.5f;
+        float t = std::floor(load(x, start + j) * inv + u);
+        v[j] = std::min(std::max(t, -qmax), qmax);
+    }
+}
+
+template <typename T>
+void quantize_int8_chunk(const T* x, int64_t b0, int64_t b1, int64_t m, int64_t block, bool stochastic,
+                         uint32_t k0, uint32_t k1, int8_t* q, float* scales) {
+#ifdef TP_HAVE_AVX2_PATH
+    if constexpr (std::is_same_v<T, float>) {
+        if (has_avx2()) {
+            for (int64_t b = b0; b < b1; ++b)
+                quantize_block_avx2(x, b * block, std::min(block, m - b * block), 127.0f, stochastic, k0, k1,
+                                    q + b * block, &scales[b]);
+            return;
+        }
+    }
+#endif
+    alignas(64) float v[kMaxBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+        int64_t start = b * block, len = std::min(block, m - start);
+        quantize_block(x, start, len, 127.0f, stochastic, k0, k1, v, &scales[b]);
+        for (int64_t j = 0; j < len; ++j) q[start + j] = int8_t(int32_t(v[j]));
+    }
+}
+
+template <typename T>
+void quantize_int4_chunk(const T* x, int64_t b0, int64_t b1, int64_t m, int64_t block, bool stochastic,
+                         uint32_t k0, uint32_t k1, uint8_t* packed, float* scales) {
+#ifdef TP_HAVE_AVX2_PATH
+    if constexpr (std::is_same_v<T, float>) {
+        if (has_avx2()) {
+            alignas(64) int8_t c[kMaxBlock];
+            for (int64_t b = b0; b < b1; ++b) {
+                const int64_t start = b * block, len = std::min(block, m - start), pairs = len / 2;
+                quantize_block_avx2(x, start, len, 7.0f, stochastic, k0, k1, c, &scales[b]);
+                uint8_t* pb = packed + start / 2;
+                for (int64_t p = 0; p < pairs; ++p) pb[p] = uint8_t((c[2 * p] + 8) | ((c[2 * p + 1] + 8) << 4));
+                if (len & 1) pb[pairs] = uint8_t((c[len - 1] + 8) | (8 << 4));
+            }
+            return;
+        }
+    }
+#endif
+    alignas(64) float v[kMaxBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+        int64_t start = b * block, len = std::min(block, m - start);
+        quantize_block(x, start, len, 7.0f, stochastic, k0, k1, v, &scales[b]);
+        int64_t pairs = len / 2;
+        for (int64_t p = 0; p < pairs; ++p)  // nibble = q + 8; element 2p low, 2p+1 high
+            packed[start / 2 + p] = uint8_t((int32_t(v[2 * p]) + 8) | ((int32_t(v[2 * p + 1]) + 8) << 4));
+        if (len & 1) packed[start / 2 + pairs] = uint8_t(int32_t(v[len - 1]) + 8) | uint8_t(8 << 4);
+    }
+}
+
+void dequantize_int8_chunk(const int8_t* q, const float* scales, int64_t j0, int64_t j1, int64_t block, float* out) {
+#ifdef TP_HAVE_AVX2_PATH
+    if (has_avx2()) return dequantize_int8_avx2(q, scales, j0, j1, block, out);
+#endif
+    for (int64_t start = j0; start < j1; start += block) {
+        const float s = scales[start / block];
+        const int64_t len = std::min(block, j1 - start);
+        for (int64_t j = 0; j < len; ++j) out[start + j] = float(q[start + j]) * s;
+    }
+}
+
+void dequantize_int4_chunk(const uint8_t* packed, const float* scales, int64_t j0, int64_t j1,
+                                     int64_t block, float* out) {
+    for (int64_t start = j0; start < j1; start += block) {  // start is even
+        const float s = scales[start / block];
+        const int64_t len = std::min(block, j1 - start), pairs = len / 2;
+        const uint8_t* p = packed + start / 2;
+        float* o = out + start;
+        for (int64_t k = 0; k < pairs; ++k) {
+            o[2 * k] = float(int32_t(p[k] & 15) - 8) * s;
+            o[2 * k + 1] = float(int32_t(p[k] >> 4) - 8) * s;
+        }
+        if (len & 1) o[len - 1] = float(int32_t(p[pairs] & 15) - 8) * s;
+    }
+}
+
+// Blocks per parallel work item: about 16 Ki values, never less than one block.
+int64_t blocks_per_chunk(int64_t block) { return std::max<int64_t>(1, 16384 / block); }
+
+template <typename T>
+void quantize_impl(bool int4, const T* x, int64_t m, int64_t block, bool stochastic, uint32_t k0, uint32_t k1,
+                   void* q, float* scales) {
+    const int64_t nb = (m + block - 1) / block, per = blocks_per_chunk(block);
+    const int64_t chunks = (nb + per - 1) / per;
+#pragma omp parallel for schedule(static) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t b0 = c * per, b1 = std::min(nb, b0 + per);
+        if (int4)
+            quantize_int4_chunk(x, b0, b1, m, block, stochastic, k0, k1, static_cast<uint8_t*>(q), scales);
+        else
+            quantize_int8_chunk(x, b0, b1, m, block, stochastic, k0, k1, static_cast<int8_t*>(q), scales);
+    }
+}
+
+void quantize_any(bool int4, const void* x, int dtype, int64_t m, int64_t block, bool stochastic, uint32_t k0,
+                  uint32_t k1, void* q, float* scales) {
+    switch (dtype) {
+        case kFloat16: quantize_impl(int4, static_cast<const _Float16*>(x), m, block, stochastic, k0, k1, q, scales); break;
+        case kBFloat16: quantize_impl(int4, static_cast<const uint16_t*>(x), m, block, stochastic, k0, k1, q, scales); break;
+        default: quantize_impl(int4, static_cast<const float*>(x), m, block, stochastic, k0, k1, q, scales); break;
+    }
+}
+
+template <typename F>
+void dequantize_rows(int64_t n, int64_t m, int64_t block, F&& row_chunk) {
+    const int64_t per = blocks_per_chunk(block) * block;
+    const int64_t chunks = (m + per - 1) / per, items = n * chunks;
+#pragma omp parallel for schedule(static) if (items > 1)
+    for (int64_t it = 0; it < items; ++it) {
+        int64_t i = it / chunks, j0 = (it % chunks) * per;
+        row_chunk(i, j0, std::min(m, j0 + per));
+    }
+}
+
+}  // namespace
+
+void quantize_int8(const void* x, int dtype, int64_t m, int64_t block, bool stochastic, uint32_t k0, uint32_t k1,
+                   int8_t* q, float* scales) {
+    quantize_any(false, x, dtype, m, block, stochastic, k0, k1, q, scales);
+}
+
+void quantize_int4(const void* x, int dtype, int64_t m, int64_t block, bool stochastic, uint32_t k0, uint32_t k1,
+                   uint8_t* packed, float* scales) {
+    quantize_any(true, x, dtype, m, block, stochastic, k0, k1, packed, scales);
+}
+
+// n rows at once (one call per column block in the fused decode-aggregate): row i reads q[i],
+// scales[i] and writes m floats to out[i].
+void dequantize_int8(const int8_t* const* q, const float* const* scales, int64_t n, int64_t m, int64_t block,
+                     float* const* out) {
+    dequantize_rows(n, m, block, [&](int64_t i, int64_t j0, int64_t j1) {
+        dequantize_int8_chunk(q[i], scales[i], j0, j1, block, out[i]);
+    });
+}
+
+void dequantize_int4(const uint8_t* const* packed, const float* const* scales, int64_t n, int64_t m, int64_t block,
+                     float* const* out) {
+    dequantize_rows(n, m, block, [&](int64_t i, int64_t j0, int64_t j1) {
+        dequantize_int4_chunk(packed[i], scales[i], j0, j1, block, out[i]);
+    });
+}
+
+}  // namespace tapestry

@@ -1,0 +1,215 @@
+"""``tapestry simulate``: federated training with any rules, under any attack, in one process.
+
+    tapestry simulate --compare mean,trimmed_mean,median,krum,bulyan --attack signflip \\
+                      --byzantine 0.2 --out out/demo
+
+Every (rule, attack) pair is checked before the first round (names, the rule's tolerance of the
+Byzantine fraction, the output directory); then each run shows a progress bar, and at the end a
+per-round table and a summary table are printed, and ``--out DIR`` receives ``results.json``,
+``results.md`` (the summary as a markdown table) and ``accuracy.png`` (``loss.png`` for charlm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+
+HELP = "simulate federated training with robust rules under Byzantine attacks (digits, charlm)"
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    # Only light imports here: the CLI builds every subcommand's parser at start-up.
+    from .attacks import ATTACKS
+    from .loop import Config
+    from .tasks import TASKS
+
+    d = Config()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("attacks (with --byzantine): " + ", ".join(ATTACKS) + "\nattack strengths: " + "; ".join(
+        f"--{a.name}-{a.param} (default {'auto' if a.default is None else a.default})"
+        for a in ATTACKS.values() if a.param))
+    g = parser.add_argument_group("what to run")
+    g.add_argument("--task", default=d.task, help=f"{', '.join(TASKS)} (default {d.task})")
+    rules = g.add_mutually_exclusive_group()
+    rules.add_argument("--rule", default=None, help="one aggregation rule (default mean)")
+    rules.add_argument("--compare", default=None, metavar="RULES",
+                       help="comma-separated rules to compare, e.g. mean,trimmed_mean,median,krum,bulyan")
+    g.add_argument("--attack", default="none", metavar="ATTACKS",
+                   help="attack, or comma-separated attacks to run each rule under (default none)")
+    g.add_argument("--byzantine", type=_float, default=None,
+                   help="fraction of clients that are Byzantine (default 0.2 with an attack, else 0)")
+    g.add_argument("--f", type=int, default=None,
+                   help="f handed to the rules (default: ceil(byzantine x answering clients per round))")
+    g.add_argument("--codec", default=None, help="compress client deltas with this tapestry.compression codec "
+                   "(with error feedback)")
+    g.add_argument("--secure", action="store_true", help="pairwise-masked secure sum (rule mean only)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--out", default=None, metavar="DIR", help="write results.json, results.md and a plot here")
+    t = parser.add_argument_group("training")
+    t.add_argument("--clients", type=int, default=d.clients, help=f"(default {d.clients})")
+    t.add_argument("--rounds", type=int, default=d.rounds, help=f"(default {d.rounds})")
+    t.add_argument("--sample", type=_float, default=d.sample, help=f"fraction of clients per round (default {d.sample})")
+    t.add_argument("--dropout", type=_float, default=d.dropout,
+                   help=f"fraction of each round's clients that never answer (default {d.dropout})")
+    t.add_argument("--alpha", type=_float, default=d.alpha,
+                   help=f"Dirichlet concentration of the non-IID split, inf for IID (default {d.alpha})")
+    t.add_argument("--local-steps", type=int, default=d.local_steps, help=f"(default {d.local_steps})")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default {d.batch_size})")
+    t.add_argument("--lr", type=_float, default=d.lr, help=f"client learning rate (default {d.lr}, cosine decay)")
+    t.add_argument("--tau", type=_float, default=d.tau, help=f"centered_clipping radius (default {d.tau})")
+    a = parser.add_argument_group("attack strengths")
+    for att in ATTACKS.values():
+        if att.param:
+            a.add_argument(f"--{att.name}-{att.param}", type=_float, default=None,
+                           help=f"{att.help} (default {'auto' if att.default is None else att.default})")
+    o = parser.add_argument_group("output")
+    o.add_argument("--quiet", action="store_true", help="no progress bar and no per-round table")
+
+
+def _check_out(path: str) -> str:
+    """Create ``path`` and prove it writable now, not after training."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {path!r} cannot be written: {exc.strerror or exc}") from None
+    return path
+
+
+def _configs(args) -> list:
+    from .attacks import get_attack
+    from .loop import Config, validate
+
+    rules = [r.strip() for r in (args.compare or args.rule or "mean").split(",") if r.strip()]
+    attacks = [a.strip() for a in args.attack.split(",") if a.strip()]
+    if not rules:
+        raise ValueError("--compare: no rule given")
+    if not attacks:
+        raise ValueError("--attack: no attack given")
+    configs = []
+    for attack in attacks:
+        att = get_attack(attack)
+        byz = args.byzantine if args.byzantine is not None else (0.0 if attack == "none" else 0.2)
+        strength = getattr(args, f"{att.name}_{att.param}".replace("-", "_"), None) if att.param else None
+        for rule in rules:
+            cfg = Config(task=args.task, rule=rule, attack=attack, byzantine=byz, clients=args.clients,
+                         sample=args.sample, rounds=args.rounds, local_steps=args.local_steps,
+                         batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, dropout=args.dropout, f=args.f,
+                         strength=strength, tau=args.tau, codec=args.codec, secure=args.secure, seed=args.seed)
+            validate(cfg)
+            configs.append(cfg)
+    return configs
+
+
+def _fmt(metric: str, value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    return f"{100 * value:.1f}" if metric == "accuracy" else f"{value:.3f}"
+
+
+def summary_markdown(runs, metric: str) -> str:
+    """Final metric per (attack row, rule column), as a markdown table."""
+    rules = list(dict.fromkeys(r.rule for r in runs))
+    attacks = list(dict.fromkeys(r.attack for r in runs))
+    cell = {(r.attack, r.rule): r for r in runs}
+    head = "final test accuracy (%)" if metric == "accuracy" else "final held-out loss (nats/char)"
+    lines = [f"| attack \\ rule ({head}) | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
+    for attack in attacks:
+        vals = []
+        for rule in rules:
+            r = cell.get((attack, rule))
+            vals.append("" if r is None else _fmt(metric, r.accuracy[-1] if metric == "accuracy" else r.loss[-1]))
+        lines.append(f"| {attack} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs, metric: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = list(dict.fromkeys(r.attack for r in runs))
+    cols = min(3, len(attacks))
+    rows = math.ceil(len(attacks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(attacks):]:
+        ax.set_visible(False)
+    for ax, attack in zip(axes.flat, attacks):
+        for r in (r for r in runs if r.attack == attack):
+            ys = r.accuracy if metric == "accuracy" else r.loss
+            ax.plot(range(1, len(ys) + 1), [100 * y if metric == "accuracy" else y for y in ys], label=r.rule)
+        byz = next(r for r in runs if r.attack == attack).config["byzantine"]
+        ax.set_title(f"attack: {attack}" + (f" ({100 * byz:.0f}% Byzantine)" if byz else ""))
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy (%)" if metric == "accuracy" else "held-out loss (nats/char)")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .loop import simulate
+    from .tasks import load_task
+
+    out = _check_out(args.out) if args.out else None
+    configs = _configs(args)  # every run validated before the first round
+    first = configs[0]
+    task = load_task(first.task, first.clients, first.alpha, first.seed)
+    console = Console(stderr=True)
+    runs = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[m]}"),
+                  TimeElapsedColumn(), console=console, disable=args.quiet) as progress:
+        for cfg in configs:
+            label = f"{cfg.rule:>16} / {cfg.attack:<9}"
+            bar = progress.add_task(label, total=cfg.rounds, m="")
+
+            def tick(rnd, metrics, bar=bar):
+                shown = f"acc {100 * metrics['accuracy']:.1f}%" if task.metric == "accuracy" else f"loss {metrics['loss']:.3f}"
+                progress.update(bar, completed=rnd, m=shown)
+
+            runs.append(simulate(cfg, task=task, on_round=tick))
+    metric = task.metric
+    stdout = Console()
+    if not args.quiet:
+        table = Table(title=f"{first.task}: test {'accuracy (%)' if metric == 'accuracy' else 'loss'} per round")
+        table.add_column("round", justify="right")
+        for r in runs:
+            table.add_column(f"{r.rule}\n{r.attack}", justify="right")
+        for i in range(first.rounds):
+            table.add_row(str(i + 1), *(_fmt(metric, (r.accuracy if metric == "accuracy" else r.loss)[i]) for r in runs))
+        stdout.print(table)
+    md = summary_markdown(runs, metric)
+    details = (f"{first.task}, {first.clients} clients ({first.per_round} per round), {first.rounds} rounds, "
+               + (f"Dirichlet alpha={first.alpha}, " if first.task == "digits" else "split by source file, ")
+               + f"{100 * first.byzantine:.0f}% Byzantine, seed={first.seed}" + (f", codec {first.codec}" if first.codec else "")
+               + (", secure sum" if first.secure else ""))
+    print(md + "\n\n" + details)
+    if out:
+        record = {"task": first.task, "metric": metric, "command": sys.argv[1:], "settings": details,
+                  "runs": [r.to_json() for r in runs]}
+        with open(os.path.join(out, "results.json"), "w") as fh:
+            json.dump(record, fh, indent=1, allow_nan=False)
+        with open(os.path.join(out, "results.md"), "w") as fh:
+            fh.write(md + "\n\n" + details + "\n")
+        plot(runs, metric, os.path.join(out, f"{metric}.png"))
+        print(f"wrote {out}/results.json, results.md, {metric}.png", file=sys.stderr)
+    return 0

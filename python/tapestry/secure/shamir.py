@@ -1,0 +1,52 @@
+"""Shamir ``t``-of-``m`` secret sharing of 32-byte seeds over the prime field GF(2^521 - 1).
+
+A share is ``(x, f(x))`` for a random polynomial ``f`` of degree ``t - 1`` with ``f(0)`` = the
+secret; any ``t`` shares give ``f(0)`` by Lagrange interpolation, fewer reveal nothing about it.
+Holders are numbered ``x = 1 .. m`` (``x = 0`` would be the secret itself). The field is larger
+than every 256-bit secret, so a secret is an element as it is.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+P = 2**521 - 1  # a Mersenne prime
+SHARE_BYTES = 66  # ceil(521 / 8)
+
+
+def split(secret: bytes, t: int, xs: list[int]) -> dict[int, bytes]:
+    """Shares of ``secret`` (at most 64 bytes) for holder points ``xs`` (distinct, 1 <= x < P)."""
+    if not 1 <= t <= len(xs):
+        raise ValueError(f"Shamir needs 1 <= t <= holders, got t={t}, holders={len(xs)}")
+    if len(set(xs)) != len(xs) or any(not 0 < x < P for x in xs):
+        raise ValueError("holder points must be distinct and in 1 .. P-1")
+    s = int.from_bytes(secret, "little")
+    if len(secret) > 64:
+        raise ValueError(f"secret of {len(secret)} bytes is too long for the field")
+    coeffs = [s] + [secrets.randbelow(P) for _ in range(t - 1)]
+    out = {}
+    for x in xs:
+        y = 0
+        for c in reversed(coeffs):  # Horner
+            y = (y * x + c) % P
+        out[x] = y.to_bytes(SHARE_BYTES, "little")
+    return out
+
+
+def combine(shares: dict[int, bytes], t: int, length: int = 32) -> bytes:
+    """The secret from at least ``t`` shares ``{x: y}``; uses the first ``t`` points."""
+    if len(shares) < t:
+        raise ValueError(f"need t={t} shares, got {len(shares)}")
+    pts = sorted(shares.items())[:t]
+    xs = [x for x, _ in pts]
+    s = 0
+    for j, (xj, yb) in enumerate(pts):
+        num, den = 1, 1
+        for m, xm in enumerate(xs):
+            if m != j:
+                num = num * (-xm) % P
+                den = den * (xj - xm) % P
+        s = (s + int.from_bytes(yb, "little") * num * pow(den, -1, P)) % P
+    if s >= 1 << (8 * length):
+        raise ValueError("shares do not combine to a valid secret (inconsistent or corrupted shares)")
+    return s.to_bytes(length, "little")

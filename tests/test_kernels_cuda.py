@@ -1,0 +1,245 @@
+"""CUDA kernels (tapestry._cuda, csrc/cuda) and the cuda backend.
+
+Without a GPU: the extension imports and reports itself unavailable, forcing it is a clear
+error, launch errors become Python exceptions, and the selection kernels' per-column code
+(csrc/cuda/select.cuh: keys, sorting networks, rank windows) runs on the CPU through a host
+harness compiled with nvcc, against the reference. With a GPU (tests marked ``gpu``): every op
+against the reference, at sizes the CPU cannot afford, and the device checks.
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tapestry as tp
+from tapestry import _native, ops, reference
+from test_kernels_triton import DTYPES, assert_close, direct_distances, distances, make
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_GPU = torch.cuda.is_available()
+
+
+def _nvcc():
+    for cand in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if cand and Path(cand).exists():
+            return cand
+    return None
+
+
+NVCC = _nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: tapestry._cuda is not built here")
+
+
+@pytest.fixture(scope="module")
+def cuda_ext():
+    mod = _native.load("_cuda")
+    if isinstance(mod, Exception):
+        if NVCC is not None:  # setup.py builds it wherever nvcc exists: its absence is a failure
+            raise AssertionError(f"nvcc exists but tapestry._cuda does not import: {mod}")
+        pytest.skip("tapestry._cuda not built (no nvcc)")
+    return mod
+
+
+ROBUST = ["weighted_mean", "trimmed_mean", "coord_median", "mean_around_median"]
+
+
+# ---------------------------------------------------------------------------------------------
+# no GPU needed
+
+
+def test_extension_imports_and_reports_devices(cuda_ext):
+    count, error = cuda_ext.device_count()
+    assert isinstance(count, int) and isinstance(error, str)
+    if not HAS_GPU:
+        assert count == 0 and error, "without a GPU the runtime's error message is reported"
+    for name in ROBUST:  # one op, one name: the binding is named like the op
+        assert callable(getattr(cuda_ext, name)), name
+    assert cuda_ext.MAX_SELECT_ROWS >= 64
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU reporting")
+def test_backend_unavailable_says_why(cuda_ext):
+    reason = ops.unavailable_reason("cuda")
+    assert reason is not None and "no CUDA GPU" in reason
+    assert "cuda" not in ops.available_backends()
+
+
+@pytest.mark.skipif(HAS_GPU, reason="a launch on null pointers would poison a real GPU context")
+def test_launch_errors_become_python_exceptions(cuda_ext):
+    with pytest.raises(RuntimeError, match=r"tapestry\._cuda\.trimmed_mean: CUDA error"):
+        cuda_ext.trimmed_mean(0, 0, 5, 16, 16, 1, 0, 0, 0)
+    with pytest.raises(RuntimeError, match=r"weighted_mean: CUDA error"):
+        cuda_ext.weighted_mean(0, 0, 16, 16, 0, 0, 3, 0, 0, 0)
+
+
+def test_forcing_cuda_on_cpu_tensors_names_backend_and_device():
+    X = torch.randn(5, 3)
+    with tp.backend("cuda"):
+        with pytest.raises(ops.BackendError, match=r"backend 'cuda' cannot run trimmed_mean on cpu"):
+            tp.trimmed_mean(X, f=1)
+        with pytest.raises(ops.BackendError, match=r"'cuda'.*cpu"):
+            tp.krum(torch.randn(7, 3), f=1)
+
+
+def test_cuda_backend_rejects_cpu_tensors_even_when_available():
+    from tapestry.backends import cuda
+
+    assert "cpu" in cuda.rejects(torch.device("cpu"))
+    assert cuda.rejects(torch.device("cuda", 0)) is None
+
+
+def test_mixed_devices_are_named():
+    # a CPU and a meta tensor stand in for CPU + GPU: the same check names both devices
+    with pytest.raises(ValueError, match=r"client 0 on cpu, client 1 on meta"):
+        tp.trimmed_mean([torch.randn(4), torch.randn(4, device="meta")], f=0)
+    with pytest.raises(ValueError, match=r"client 1, key 'w': on meta, client 0 is on cpu"):
+        tp.mean([{"w": torch.randn(3)}, {"w": torch.randn(3, device="meta")}])
+
+
+# -- the selection kernels' column code, on the host
+
+
+@pytest.fixture(scope="module")
+def host_harness(tmp_path_factory):
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    exe = tmp_path_factory.mktemp("cuda_host") / "cuda_select_host"
+    subprocess.run([NVCC, "-x", "cu", str(ROOT / "tests" / "cuda_select_host.cu"), "-o", str(exe), "-O1",
+                    "-std=c++17", f"-I{ROOT / 'csrc'}"], check=True, capture_output=True)
+    return exe
+
+
+def run_host(exe, X, f, k, tmp_path):
+    n, d = X.shape
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    X.numpy().astype(np.float32).tofile(src)
+    subprocess.run([str(exe), str(src), str(dst), str(n), str(d), str(f), str(k)], check=True)
+    return torch.from_numpy(np.fromfile(dst, dtype=np.float32)).reshape(3, d)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("n", range(1, 65))
+def test_select_network_on_host(host_harness, n, tmp_path):
+    f = (n - 1) // 3
+    k = max(1, n - 2 * f)
+    X = make(n, 11, seed=n, nonfinite=min(f, 3), device="cpu")
+    X[:2, 5] = -0.0
+    out = run_host(host_harness, X, f, k, tmp_path)
+    assert_close(out[0], reference.trimmed_mean(X, f), X, what=f"trimmed_mean n={n}")
+    assert_close(out[1], reference.coord_median(X), X, what=f"coord_median n={n}")
+    clean = make(n, 11, seed=n + 100, device="cpu")  # Bulyan's rows are finite
+    out = run_host(host_harness, clean, f, k, tmp_path)
+    assert_close(out[2], reference.mean_around_median(clean, torch.arange(n), k), clean, what=f"around n={n} k={k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.fixture
+def on_cuda():
+    with tp.backend("cuda"):
+        yield
+
+
+@pytest.mark.gpu
+def test_auto_picks_cuda_on_gpu_tensors():
+    for op in ROBUST + ["gram"]:
+        assert ops.resolve(op, "cuda")[0] == "cuda", op
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 16, 17, 31, 32, 33, 63, 64, 65, 200])
+def test_gpu_selection(n, dtype):
+    from tapestry.backends import cuda
+
+    f = (n - 1) // 3
+    X = make(n, 1031, seed=n, dtype=dtype, nonfinite=min(f, 3), device="cuda")
+    assert_close(cuda.trimmed_mean(X, f), reference.trimmed_mean(X, f), X, what=f"trimmed n={n}")
+    assert_close(cuda.coord_median(X), reference.coord_median(X), X, what=f"median n={n}")
+    rows = torch.arange(0, n, 2)
+    k = max(1, rows.numel() // 2)
+    clean = make(n, 1031, seed=n + 1, dtype=dtype, device="cuda")
+    assert_close(cuda.mean_around_median(clean, rows, k), reference.mean_around_median(clean, rows, k), clean,
+                 what=f"around n={n}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [1, 7, 1_000_003])
+def test_gpu_widths_and_layouts(d, dtype):
+    from tapestry.backends import cuda
+
+    X = make(32, d, seed=d, dtype=dtype, common=1e3, nonfinite=2, device="cuda")
+    assert_close(cuda.trimmed_mean(X, 8), reference.trimmed_mean(X, 8), X, what="trimmed")
+    assert_close(cuda.coord_median(X), reference.coord_median(X), X, what="median")
+    w = torch.rand(32, dtype=torch.float64) + 0.1
+    w[:2] = 0.0  # the non-finite clients: never read
+    w /= w.sum()
+    assert_close(cuda.weighted_mean(X, w), reference.weighted_mean(X, w), X, what="weighted_mean")
+    view = make(32, d + 3, seed=d, dtype=dtype, device="cuda")[:, 1 : d + 1]  # unaligned rows
+    assert_close(cuda.weighted_mean(view, w), reference.weighted_mean(view, w), view, what="unaligned")
+    assert_close(cuda.trimmed_mean(view, 8), reference.trimmed_mean(view, 8), view, what="unaligned trimmed")
+
+
+@pytest.mark.gpu
+def test_gpu_bit_identical_and_blocking_free():
+    from tapestry.backends import cuda
+
+    X = make(32, 100_003, seed=3, nonfinite=3, device="cuda")
+    w = torch.full((32,), 1 / 32, dtype=torch.float64)
+    for fn in (lambda A: cuda.trimmed_mean(A, 8), cuda.coord_median, lambda A: cuda.weighted_mean(A, w)):
+        a = fn(X)
+        assert torch.equal(a, fn(X))
+        assert torch.equal(a[4097:70001], fn(X[:, 4097:70001]))
+    G = cuda.gram(X)
+    assert torch.equal(G, cuda.gram(X))
+
+
+@pytest.mark.gpu
+def test_gpu_gram_accuracy():
+    from tapestry.backends import cuda
+
+    X = make(33, 200_001, seed=4, common=1e3, ties=False, device="cuda")
+    ref = direct_distances(X)
+    D = distances(cuda.gram(X).cpu())
+    assert float((D - ref).abs().max() / ref.max()) <= 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_rules_match_reference(on_cuda):
+    X = make(20, 5001, seed=6, common=1e3, ties=False, device="cuda")
+    X[0] += 5.0
+    X[1, 7] = float("nan")
+    for rule in [tp.TrimmedMean(f=3), tp.Median(), tp.Mean(), tp.Krum(f=3), tp.MultiKrum(f=3), tp.Bulyan(f=4)]:
+        got, info = rule(X, return_info=True)
+        with tp.backend("reference"):
+            want, info_ref = rule(X.cpu(), return_info=True)
+        assert got.device == X.device and info.backend == "cuda"
+        assert info.selected == info_ref.selected, rule
+        assert_close(got, want, X, what=repr(rule))
+
+
+@pytest.mark.gpu
+def test_gpu_mixed_cpu_and_cuda_updates_name_both():
+    with pytest.raises(ValueError, match=r"client 0 on cpu, client 1 on cuda"):
+        tp.trimmed_mean([torch.randn(4), torch.randn(4, device="cuda")], f=0)
+    with pytest.raises(ValueError, match=r"client 1, key 'w': on cpu, client 0 is on cuda:0"):
+        tp.mean([{"w": torch.randn(3, device="cuda")}, {"w": torch.randn(3)}])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus():
+    with pytest.raises(ValueError, match=r"cuda:0.*cuda:1"):
+        tp.median([torch.randn(4, device="cuda:0"), torch.randn(4, device="cuda:1")])
+    X = make(9, 4099, seed=2, device="cuda:1")
+    with tp.backend("cuda"):
+        out = tp.trimmed_mean(X, f=2)
+    assert out.device == X.device
+    assert_close(out, reference.trimmed_mean(X, 2), X)
