@@ -27,19 +27,9 @@ import time
 import torch
 
 import tapestry as tp
+from tapestry.bench import paired_times
 from tapestry import _native
 from tapestry.compression import aggregate, decode, encode
-
-
-def paired(ours, base, repeat: int) -> tuple[float, float, float]:
-    """Median times (s) of ours and base, and the median per-pair ratio ours / base."""
-    ours(), base()
-    to, tb, r = [], [], []
-    for _ in range(repeat):
-        t = time.perf_counter(); ours(); a = time.perf_counter() - t
-        t = time.perf_counter(); base(); b = time.perf_counter() - t
-        to.append(a); tb.append(b); r.append(a / b)
-    return statistics.median(to), statistics.median(tb), statistics.median(r)
 
 
 def main(argv=None) -> int:
@@ -73,7 +63,7 @@ def main(argv=None) -> int:
     ]
     print(f"{'case':28s} {'ms':>8s} {'GB/s':>7s} {'copy ms':>8s} {'copy GB/s':>9s} {'bw':>6s}")
     for name, fn, nbytes in cases:
-        to, tb, r = paired(fn, copy, a.repeat)
+        to, tb, r = paired_times(fn, copy, a.repeat)
         bw = (nbytes / to) / (8 * a.d / tb)
         rows.append({"case": name, "ms": to * 1e3, "gbps": nbytes / to / 1e9, "copy_ms": tb * 1e3,
                      "copy_gbps": 8 * a.d / tb / 1e9, "fraction_of_copy_bandwidth": bw, "time_ratio": r})
@@ -85,7 +75,7 @@ def main(argv=None) -> int:
         dense = torch.stack([decode(q) for q in payloads])
         print(f"\n{'fused int8 vs float32':28s} {'fused ms':>9s} {'f32 ms':>8s} {'ratio':>6s}")
         for rule in (tp.TrimmedMean(f=a.f), tp.Median(), tp.Mean(), tp.Krum(f=a.f)):
-            to, tb, r = paired(lambda: aggregate(payloads, rule), lambda: rule(dense), max(3, a.repeat // 2))
+            to, tb, r = paired_times(lambda: aggregate(payloads, rule), lambda: rule(dense), max(3, a.repeat // 2))
             rows.append({"case": f"fused int8 {rule.name}", "ms": to * 1e3, "baseline_ms": tb * 1e3, "time_ratio": r})
             print(f"{rule.name:28s} {to * 1e3:9.1f} {tb * 1e3:8.1f} {r:6.2f}")
     if a.json:

@@ -30,19 +30,15 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from tapestry import _native, ops
+from tapestry.bench import paired_times
 from tapestry.secure import chacha20_mask, simulate_round
 from tapestry.secure.prg import _words
 
 
 def paired(ours, base, repeat: int) -> tuple[float, float, float]:
-    """Median times of ours and base, and the median per-pair ratio base / ours."""
-    ours(), base()
-    to, tb, r = [], [], []
-    for _ in range(repeat):
-        t = time.perf_counter(); ours(); a = time.perf_counter() - t
-        t = time.perf_counter(); base(); b = time.perf_counter() - t
-        to.append(a); tb.append(b); r.append(b / a)
-    return statistics.median(to), statistics.median(tb), statistics.median(r)
+    """Median times of ours and base, and the median per-pair speed-up base / ours."""
+    t_ours, t_base, ratio = paired_times(ours, base, repeat)
+    return t_ours, t_base, 1.0 / ratio
 
 
 def main(argv=None) -> int:

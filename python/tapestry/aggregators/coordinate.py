@@ -37,8 +37,9 @@ class Mean(Rule):
         w = normalised_weights(weights, src.n)
         agg, backend = apply("weighted_mean", src, w)
         info = AggregationInfo(self.name, src.n, backend=backend)
-        finite = torch.isfinite(agg).all().to(torch.float64).reshape(1)
-        if want_info or float(src.reduce(finite - 1).item()) != 0:  # some shard's result is non-finite
+        # a float64 sum of float32 values cannot overflow: it is non-finite iff some value is
+        total = src.reduce(agg.sum(dtype=torch.float64).reshape(1))
+        if want_info or not bool(torch.isfinite(total).all()):
             info.nonfinite = indices(nonfinite_rows(src) & (w != 0))
         return agg, info
 

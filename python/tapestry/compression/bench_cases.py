@@ -18,16 +18,9 @@ import torch
 import tapestry as tp
 
 from .. import ops
-from ..bench import Case, Config, _backends_for
+from ..bench import Case, Config, _backends_for, with_backend
 from .codecs import decode, encode, seed_key
 from .fused import aggregate
-
-
-def _on(backend, fn):
-    def run():
-        with ops.backend(backend):
-            return fn()
-    return run
 
 
 def cases(cfg: Config) -> list[Case]:
@@ -45,18 +38,18 @@ def cases(cfg: Config) -> list[Case]:
         key = seed_key(1)
         q, s = ops.resolve("quantize_int8", "cpu")[1](x, 256, key)
         out += [
-            Case("compression", "quantize_int8", _on(b, lambda: ops.call("quantize_int8", x, 256, key)), 5 * d, b,
+            Case("compression", "quantize_int8", with_backend(b, lambda: ops.call("quantize_int8", x, 256, key)), 5 * d, b,
                  baseline="copy"),
             Case("compression", "dequantize_int8",
-                 _on(b, lambda: ops.call("dequantize_int8", [q], [s], 256, [dst], device="cpu")), 5 * d, b,
+                 with_backend(b, lambda: ops.call("dequantize_int8", [q], [s], 256, [dst], device="cpu")), 5 * d, b,
                  baseline="copy"),
-            Case("compression", "encode_int8", _on(b, lambda: encode(x, "int8", seed=1)), 5 * d, b, baseline="copy"),
-            Case("compression", "encode_int8_nearest", _on(b, lambda: encode(x, "int8", rounding="nearest")), 5 * d, b,
+            Case("compression", "encode_int8", with_backend(b, lambda: encode(x, "int8", seed=1)), 5 * d, b, baseline="copy"),
+            Case("compression", "encode_int8_nearest", with_backend(b, lambda: encode(x, "int8", rounding="nearest")), 5 * d, b,
                  baseline="copy"),
-            Case("compression", "decode_int8", _on(b, lambda: decode(p8)), 5 * d, b, baseline="copy"),
-            Case("compression", "encode_int4", _on(b, lambda: encode(x, "int4", seed=1)), 4 * d + d // 2, b,
+            Case("compression", "decode_int8", with_backend(b, lambda: decode(p8)), 5 * d, b, baseline="copy"),
+            Case("compression", "encode_int4", with_backend(b, lambda: encode(x, "int4", seed=1)), 4 * d + d // 2, b,
                  baseline="copy"),
-            Case("compression", "decode_int4", _on(b, lambda: decode(p4)), 4 * d + d // 2, b, baseline="copy"),
+            Case("compression", "decode_int4", with_backend(b, lambda: decode(p4)), 4 * d + d // 2, b, baseline="copy"),
         ]
     out += [
         Case("compression", "encode_fp16", lambda: encode(x, "fp16"), 6 * d, baseline="copy"),
@@ -70,20 +63,20 @@ def cases(cfg: Config) -> list[Case]:
     nbytes = 4 * n * d
     for b in _backends_for("cpu"):
         out += [
-            Case("compression", "trimmed_mean_f32", _on(b, lambda: tp.trimmed_mean(dense, f=f)), nbytes, b,
+            Case("compression", "trimmed_mean_f32", with_backend(b, lambda: tp.trimmed_mean(dense, f=f)), nbytes, b,
                  is_baseline=True),
-            Case("compression", "fused_int8_trimmed_mean", _on(b, lambda: aggregate(payloads8, tp.TrimmedMean(f=f))),
+            Case("compression", "fused_int8_trimmed_mean", with_backend(b, lambda: aggregate(payloads8, tp.TrimmedMean(f=f))),
                  n * d, b, "int8", baseline="trimmed_mean_f32"),
-            Case("compression", "fused_int4_trimmed_mean", _on(b, lambda: aggregate(payloads4, tp.TrimmedMean(f=f))),
+            Case("compression", "fused_int4_trimmed_mean", with_backend(b, lambda: aggregate(payloads4, tp.TrimmedMean(f=f))),
                  n * d // 2, b, "int4", baseline="trimmed_mean_f32"),
-            Case("compression", "mean_f32", _on(b, lambda: tp.mean(dense)), nbytes, b, is_baseline=True),
-            Case("compression", "fused_int8_mean", _on(b, lambda: aggregate(payloads8, tp.Mean())), n * d, b, "int8",
+            Case("compression", "mean_f32", with_backend(b, lambda: tp.mean(dense)), nbytes, b, is_baseline=True),
+            Case("compression", "fused_int8_mean", with_backend(b, lambda: aggregate(payloads8, tp.Mean())), n * d, b, "int8",
                  baseline="mean_f32"),
-            Case("compression", "median_f32", _on(b, lambda: tp.median(dense)), nbytes, b, is_baseline=True),
-            Case("compression", "fused_int8_median", _on(b, lambda: aggregate(payloads8, tp.Median())), n * d, b,
+            Case("compression", "median_f32", with_backend(b, lambda: tp.median(dense)), nbytes, b, is_baseline=True),
+            Case("compression", "fused_int8_median", with_backend(b, lambda: aggregate(payloads8, tp.Median())), n * d, b,
                  "int8", baseline="median_f32"),
-            Case("compression", "krum_f32", _on(b, lambda: tp.krum(dense, f=f)), nbytes, b, is_baseline=True),
-            Case("compression", "fused_int8_krum", _on(b, lambda: aggregate(payloads8, tp.Krum(f=f))), n * d, b,
+            Case("compression", "krum_f32", with_backend(b, lambda: tp.krum(dense, f=f)), nbytes, b, is_baseline=True),
+            Case("compression", "fused_int8_krum", with_backend(b, lambda: aggregate(payloads8, tp.Krum(f=f))), n * d, b,
                  "int8", baseline="krum_f32"),
         ]
     return out

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import _native, ops
-from ..bench import Case, Config, _backends_for
+from ..bench import Case, Config, _backends_for, with_backend
 
 K = 8
 
@@ -35,13 +35,6 @@ def _one_thread(fn):
             return fn()
         finally:
             C.set_num_threads(before)
-    return run
-
-
-def _with_backend(b, fn):
-    def run():
-        with ops.backend(b):
-            return fn()
     return run
 
 
@@ -78,16 +71,16 @@ def cases(cfg: Config) -> list[Case]:
         out.append(Case("secure", f"chacha20_keystream[{C.chacha20_isa()}]", _one_thread(
             lambda: C.chacha20_keystream(buf.data_ptr(), kw.data_ptr(), nw.data_ptr(), 0, d)), 4 * d, "cpu", "uint32",
             baseline="openssl_chacha20"))
-        out.append(Case("secure", "chacha20_keystream_api", _one_thread(_with_backend(
+        out.append(Case("secure", "chacha20_keystream_api", _one_thread(with_backend(
             "cpu", lambda: chacha20_keystream(key, nonce, 0, d))), 4 * d, "cpu", "uint32", baseline="openssl_chacha20"))
-        out.append(Case("secure", "chacha20_mask_k8_1thread", _one_thread(_with_backend(
+        out.append(Case("secure", "chacha20_mask_k8_1thread", _one_thread(with_backend(
             "cpu", lambda: chacha20_mask(x, seeds, signs, nonce=NONCE_MASK))), mask_bytes, "cpu", "uint32",
             baseline="flower_randomstate"))
     xd = x.to(cfg.device)
     for b in _backends_for(cfg.device):
-        out.append(Case("secure", "chacha20_mask_k8", _with_backend(b, lambda: chacha20_mask(xd, seeds, signs)),
+        out.append(Case("secure", "chacha20_mask_k8", with_backend(b, lambda: chacha20_mask(xd, seeds, signs)),
                         mask_bytes, b, "uint32", baseline="flower_randomstate"))
-        out.append(Case("secure", "chacha20_keystream", _with_backend(
+        out.append(Case("secure", "chacha20_keystream", with_backend(
             b, lambda: chacha20_keystream(key, nonce, 0, d, device=cfg.device)), 4 * d, b, "uint32",
             baseline="openssl_chacha20"))
     if cfg.device == "cpu" and os.environ.get("TAPESTRY_BENCH_SECURE_ROUND", "1") == "1":
