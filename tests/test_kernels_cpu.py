@@ -392,7 +392,7 @@ def test_bench_memory_measurement_sees_temporaries_and_kernels_add_none():
 import json, torch
 from tapestry import bench
 from tapestry.backends import cpu
-bench._glibc()
+bench._glibc(bench.MEASURE_MMAP_THRESHOLD)
 X = torch.randn(32, 1 << 18)
 cases = {"temp": lambda: (X * 2).sum(), "trimmed_mean": lambda: cpu.trimmed_mean(X, 8),
          "coord_median": lambda: cpu.coord_median(X), "gram": lambda: cpu.gram(X)}

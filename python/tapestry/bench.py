@@ -100,23 +100,31 @@ def _rss_kib(field_name: str) -> int:
 _libc: ctypes.CDLL | None | bool = None
 
 
-def _glibc() -> ctypes.CDLL | None:
-    """glibc, set so that every block of 128 KiB or more is its own mmap, unmapped when freed.
+def _glibc(mmap_threshold: int) -> ctypes.CDLL | None:
+    """glibc, with blocks of ``mmap_threshold`` bytes or more each mapped on their own and memory
+    above that much at the top of the heap returned when freed; None where mallopt is missing.
 
-    By default glibc raises its mmap threshold after a large block is freed (up to 32 MiB), and
-    later temporaries are then carved from pages that are already resident: they would never show
-    in the peak RSS. A fixed threshold makes each large temporary fault in fresh pages (counted)
-    and give them back when freed (so the next measurement starts clean)."""
+    Measuring: by default glibc raises its mmap threshold after a large block is freed (up to
+    32 MiB), and later temporaries are then carved from pages that are already resident: they
+    would never show in the peak RSS. A fixed 128 KiB threshold makes each large temporary fault
+    in fresh pages (counted) and give them back when freed. Timing: the threshold is then set to
+    glibc's own 32 MiB ceiling, where its dynamic threshold ends up in a long-running process, so
+    that per-call page faults of the measurement setting do not distort the times."""
     global _libc
     if _libc is None:
         try:
-            lib = ctypes.CDLL("libc.so.6")
-            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-            ok = lib.mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1 and lib.mallopt(M_TRIM_THRESHOLD, 128 * 1024) == 1
-            _libc = lib if ok else False
+            _libc = ctypes.CDLL("libc.so.6")
         except OSError:
             _libc = False
-    return _libc or None
+    if not _libc:
+        return None
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    ok = _libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and _libc.mallopt(M_TRIM_THRESHOLD, mmap_threshold) == 1
+    return _libc if ok else None
+
+
+MEASURE_MMAP_THRESHOLD = 128 * 1024
+TIMING_MMAP_THRESHOLD = 32 * 1024 * 1024
 
 
 def measure_extra(fn: Callable[[], object]) -> float | None:
@@ -125,19 +133,22 @@ def measure_extra(fn: Callable[[], object]) -> float | None:
     Call it after a warm-up call (thread pools, lazy imports and caches exist then). The peak is
     read from VmHWM after resetting it through /proc/self/clear_refs, with glibc set as in
     :func:`_glibc`; None where either is unavailable (the number would not be trustworthy)."""
-    lib = _glibc()
+    lib = _glibc(MEASURE_MMAP_THRESHOLD)
     if lib is None:
         return None
-    gc.collect()
-    lib.malloc_trim(0)
-    before = _rss_kib("VmRSS")
-    if not _peak_rss_reset():
-        return None
-    out = fn()
-    peak = _rss_kib("VmHWM")
-    held = _rss_kib("VmRSS") - before  # what the result keeps alive
-    del out
-    return max(0, peak - before - max(held, 0)) / 1024
+    try:
+        gc.collect()
+        lib.malloc_trim(0)
+        before = _rss_kib("VmRSS")
+        if not _peak_rss_reset():
+            return None
+        out = fn()
+        peak = _rss_kib("VmHWM")
+        held = _rss_kib("VmRSS") - before  # what the result keeps alive
+        del out
+        return max(0, peak - before - max(held, 0)) / 1024
+    finally:
+        _glibc(TIMING_MMAP_THRESHOLD)
 
 
 def time_case(fn: Callable[[], object], device: str, repeat: int) -> tuple[float, float | None]:
@@ -335,7 +346,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _glibc()  # before the inputs exist, so that no earlier free chunk hides a temporary
+    _glibc(TIMING_MMAP_THRESHOLD)  # fixed allocator settings for the whole run (see _glibc)
     default_d = 1 << 26 if args.device.startswith("cuda") else 4_194_304
     cfg = Config(n=args.n or 32, d=args.d or (1 << 20 if args.quick else default_d), f=args.f, device=args.device,
                  repeat=args.repeat or (3 if args.quick else 7))

@@ -21,7 +21,7 @@ from ..aggregators.columns import Columns
 from .codecs import decode_rows, unflatten
 from .wire import Payload, PayloadError, parse
 
-DEFAULT_BLOCK_BYTES = 4 << 20  # 32 clients x 32768 columns: one core's L2 per thread on 2 threads
+DEFAULT_BLOCK_BYTES = 16 << 20  # n=32: 131072 columns a block; few blocks, few OpenMP wake-ups (slow on VMs)
 
 
 def _lcm(a: int, b: int) -> int:
