@@ -74,7 +74,7 @@ class BuildExt(build_ext):
     def build_extension(self, ext):
         out_dir = Path(self.build_temp) / ext.name
         out_dir.mkdir(parents=True, exist_ok=True)
-        headers = [ROOT / h for h in ext.depends]
+        headers = [ROOT / h for h in ext.depends] + [ROOT / "setup.py"]  # flags live here too
         jobs = os.cpu_count() or 1
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             objects = list(pool.map(lambda src: self._compile(ext, src, out_dir, headers), ext.sources))
@@ -110,7 +110,9 @@ class BuildExt(build_ext):
         return str(obj)
 
 
-CXX_FLAGS = [*OPT, "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+# -ffp-contract=off: GCC fuses a*b+c into FMAs in C++ by default, which would make results depend on
+# the SIMD path (or on a lane versus a scalar tail); kernels that want FMAs ask for them explicitly.
+CXX_FLAGS = [*OPT, "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
 
 ext_modules = [
     Extension(

@@ -1,9 +1,10 @@
 // Blockwise int8/int4 quantisation (see quant.h for the math).
 //
-// Work is split into chunks of whole blocks, run in parallel with OpenMP. The float32 int8 paths
-// (the hot ones) have AVX2 versions picked at run time (__builtin_cpu_supports, no -march=native);
-// everything else is portable scalar code the compiler vectorises where it can. The AVX2 code does
-// exactly the scalar float32 operations lane by lane, so both paths give identical bytes.
+// Work is split into chunks of whole blocks, run in parallel with OpenMP. The float32 quantize paths
+// (the hot ones) have AVX-512 and AVX2 versions picked at run time (simd::active(): CPUID, capped by
+// tapestry._C.set_isa; no -march=native); everything else is portable scalar code the compiler
+// vectorises where it can. The SIMD code does exactly the scalar float32 operations lane by lane, so
+// every path gives identical bytes.
 #include "quant.h"
 
 #include <algorithm>
@@ -14,7 +15,12 @@
 
 #include <immintrin.h>
 
+// gcc 12 warns inside its own AVX-512 intrinsics (their _mm512_undefined_* operands)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
 #include "../common.h"
+#include "simd.h"
 
 namespace tapestry {
 namespace {
@@ -43,9 +49,143 @@ inline uint32_t abs_bits(float v) {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(TAPESTRY_PORTABLE_ONLY)
 #define TP_HAVE_AVX2_PATH 1
-bool has_avx2() {
-    static const bool yes = __builtin_cpu_supports("avx2");
-    return yes;
+bool has_avx2() { return simd::active() >= simd::kAvx2; }
+bool has_avx512() { return simd::active() >= simd::kAvx512; }
+
+#define TP_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2")))
+
+TP_AVX512_FN TAPESTRY_INLINE __m512i mix32_x16(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int32_t(0x846ca68bu)));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// u for the 32 elements j .. j + 31 (j even): 16 hashes of the pairs j/2 .. j/2 + 15. Read as 32
+// 16-bit lanes the hashes are already in element order (low half: even element, high half: odd),
+// so a zero-extension gives the 16-bit integers of elements j .. j + 15 and j + 16 .. j + 31.
+TP_AVX512_FN TAPESTRY_INLINE void uniform_x32(uint32_t j, uint32_t k0, __m512i vk0, __m512i vk1, __m512* ua, __m512* ub) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const uint32_t base = j >> 1;
+    const __m512i pair = _mm512_add_epi32(_mm512_set1_epi32(int32_t(base)), iota);
+    __m512i h;
+    if ((base & 0xffffu) <= 0xfff0u) {
+        // no lane carries into bit 16, so (pair ^ k0) >> 16 is the same scalar in every lane and the
+        // first `x ^= x >> 16` of mix32 folds into the key: one xor instead of xor, shift, xor
+        h = _mm512_xor_si512(pair, _mm512_set1_epi32(int32_t(k0 ^ (base >> 16) ^ (k0 >> 16))));
+    } else {
+        h = _mm512_xor_si512(pair, vk0);
+        h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    }
+    // the rest of mix32(pair ^ k0), then mix32(. ^ k1)
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb352d));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(int32_t(0x846ca68bu)));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    const __m512i r = mix32_x16(_mm512_xor_si512(h, vk1));
+    const __m512 scale = _mm512_set1_ps(1.52587890625e-05f);
+    *ua = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r))), scale);
+    *ub = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r, 1))), scale);
+}
+
+// floor(x * inv + u) for 16 values as int32 (masked-off lanes read as 0): the conversion rounds
+// toward -Inf itself. |x * inv + u| stays below 129 for a finite block (|x| <= absmax), far inside
+// int32; the clamp to [-qmax, qmax] comes after packing (see codes_x64).
+TP_AVX512_FN TAPESTRY_INLINE __m512i floor_x16(const float* x, __mmask16 k, __m512 u, __m512 inv) {
+    // Two roundings, as in the scalar code. gcc contracts _mm512_add_ps(_mm512_mul_ps(..)) into an FMA
+    // (AVX-512F has one, and -std=c++17 does not turn fp-contract off for C++); the explicit-rounding
+    // forms are opaque builtins that it never fuses.
+    constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m512 t = _mm512_add_round_ps(_mm512_mul_round_ps(_mm512_maskz_loadu_ps(k, x), inv, kNearest), u, kNearest);
+    return _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+}
+
+TP_AVX512_FN TAPESTRY_INLINE __mmask16 mask16(int64_t n) {  // the first min(max(n, 0), 16) lanes
+    return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+
+// 64 codes (elements j .. j + 63 of the block, the first `n` of them real) as bytes in order.
+// Saturating packs clamp floor(s) to [-128, 127], a byte max / min then to [-qmax, qmax]: the same
+// as the scalar clamp(floor(s)), since every bound is an integer.
+template <bool Int4>
+TP_AVX512_FN TAPESTRY_INLINE __m512i codes_x64(const float* xb, int64_t j, int64_t n, uint32_t pos, bool stochastic,
+                                      uint32_t k0, __m512i vk0, __m512i vk1, __m512 vinv) {
+    __m512 u0 = _mm512_set1_ps(0.5f), u1 = u0, u2 = u0, u3 = u0;
+    if (stochastic) {
+        uniform_x32(pos, k0, vk0, vk1, &u0, &u1);
+        uniform_x32(pos + 32u, k0, vk0, vk1, &u2, &u3);
+    }
+    __m512i a = floor_x16(xb + j, mask16(n), u0, vinv);
+    __m512i b = floor_x16(xb + j + 16, mask16(n - 16), u1, vinv);
+    __m512i c = floor_x16(xb + j + 32, mask16(n - 32), u2, vinv);
+    __m512i d = floor_x16(xb + j + 48, mask16(n - 48), u3, vinv);
+    // packs work per 128-bit lane (lane L holds a, b, c, d [4L .. 4L + 3]); the permute restores order
+    __m512i p = _mm512_packs_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    p = _mm512_permutexvar_epi32(order, p);
+    if (Int4) return _mm512_min_epi8(_mm512_max_epi8(p, _mm512_set1_epi8(-7)), _mm512_set1_epi8(7));
+    return _mm512_max_epi8(p, _mm512_set1_epi8(-127));
+}
+
+// Codes j .. j + n - 1 (n <= 64) of a block: int8 bytes, or nibble pairs (j even).
+template <bool Int4>
+TP_AVX512_FN TAPESTRY_INLINE void store_codes(uint8_t* out, int64_t j, int64_t n, __m512i q) {
+    if (Int4) {
+        __m512i w = _mm512_add_epi8(q, _mm512_set1_epi8(8));  // 16-bit lane p: nibble 2p low byte, 2p + 1 high
+        __m256i packed = _mm512_cvtepi16_epi8(_mm512_or_si512(w, _mm512_srli_epi16(w, 4)));
+        if (n == 64)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j / 2), packed);
+        else
+            _mm256_mask_storeu_epi8(out + j / 2, __mmask32((1ull << ((n + 1) / 2)) - 1), packed);
+    } else {
+        if (n == 64)
+            _mm512_storeu_si512(out + j, q);
+        else
+            _mm512_mask_storeu_epi8(out + j, __mmask64((1ull << n) - 1), q);
+    }
+}
+
+// One block of float32 values with AVX-512: its scale, and its codes written straight to the output,
+// int8 bytes at out (int4 = false) or packed nibbles at out (int4 = true: byte p holds elements 2p,
+// 2p + 1; an odd last element gets the code 0 as its partner, which is what a masked-off lane
+// computes: floor(0 * inv + u) = 0 for u in [0, 1)).
+template <bool Int4>
+TP_AVX512_FN void quantize_block_avx512(const float* x, int64_t start, int64_t len, bool stochastic, uint32_t k0,
+                                        uint32_t k1, uint8_t* out, float* scale_out) {
+    const float qmax = Int4 ? 7.0f : 127.0f;
+    const float* xb = x + start;
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    __m512i m0 = _mm512_setzero_si512(), m1 = m0, m2 = m0, m3 = m0;
+    int64_t j = 0;
+    for (; j + 64 <= len; j += 64) {
+        m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_loadu_si512(xb + j), absmask));
+        m1 = _mm512_max_epu32(m1, _mm512_and_si512(_mm512_loadu_si512(xb + j + 16), absmask));
+        m2 = _mm512_max_epu32(m2, _mm512_and_si512(_mm512_loadu_si512(xb + j + 32), absmask));
+        m3 = _mm512_max_epu32(m3, _mm512_and_si512(_mm512_loadu_si512(xb + j + 48), absmask));
+    }
+    for (; j < len; j += 16)
+        m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_maskz_loadu_epi32(mask16(len - j), xb + j), absmask));
+    const uint32_t m = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_max_epu32(m0, m1), _mm512_max_epu32(m2, m3)));
+    float scale, inv;
+    block_scale(m, qmax, &scale, &inv);
+    *scale_out = scale;
+    const int64_t nbytes = Int4 ? (len + 1) / 2 : len;
+    if (m >= quant::kInfBits) {
+        if (Int4)
+            std::memset(out, 0x88, size_t(nbytes));  // nibbles 8: code 0
+        else
+            std::memset(out, 0, size_t(nbytes));
+        return;
+    }
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i vk0 = _mm512_set1_epi32(int32_t(k0)), vk1 = _mm512_set1_epi32(int32_t(k1));
+    // start is a multiple of the (even) block, so start + j is even
+    for (j = 0; j + 64 <= len; j += 64)
+        store_codes<Int4>(out, j, 64, codes_x64<Int4>(xb, j, 64, uint32_t(start + j), stochastic, k0, vk0, vk1, vinv));
+    if (j < len)
+        store_codes<Int4>(out, j, len - j,
+                          codes_x64<Int4>(xb, j, len - j, uint32_t(start + j), stochastic, k0, vk0, vk1, vinv));
 }
 
 __attribute__((target("avx2"))) inline __m256i mix32_x8(__m256i x) {
@@ -166,6 +306,12 @@ void quantize_int8_chunk(const T* x, int64_t b0, int64_t b1, int64_t m, int64_t 
                          uint32_t k0, uint32_t k1, int8_t* q, float* scales) {
 #ifdef TP_HAVE_AVX2_PATH
     if constexpr (std::is_same_v<T, float>) {
+        if (has_avx512()) {
+            for (int64_t b = b0; b < b1; ++b)
+                quantize_block_avx512<false>(x, b * block, std::min(block, m - b * block), stochastic, k0, k1,
+                                             reinterpret_cast<uint8_t*>(q + b * block), &scales[b]);
+            return;
+        }
         if (has_avx2()) {
             for (int64_t b = b0; b < b1; ++b)
                 quantize_block_avx2(x, b * block, std::min(block, m - b * block), 127.0f, stochastic, k0, k1,
@@ -187,6 +333,12 @@ void quantize_int4_chunk(const T* x, int64_t b0, int64_t b1, int64_t m, int64_t 
                          uint32_t k0, uint32_t k1, uint8_t* packed, float* scales) {
 #ifdef TP_HAVE_AVX2_PATH
     if constexpr (std::is_same_v<T, float>) {
+        if (has_avx512()) {
+            for (int64_t b = b0; b < b1; ++b)  // b * block is even, so its byte is b * block / 2
+                quantize_block_avx512<true>(x, b * block, std::min(block, m - b * block), stochastic, k0, k1,
+                                            packed + b * block / 2, &scales[b]);
+            return;
+        }
         if (has_avx2()) {
             alignas(64) int8_t c[kMaxBlock];
             for (int64_t b = b0; b < b1; ++b) {

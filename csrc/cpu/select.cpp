@@ -11,13 +11,16 @@
 //   +Inf padding left out), applied row pair by row pair over the tile, and pruned backwards to what
 //   the op reads: trimmed mean only needs the multiset of ranks f .. n-f-1, so a comparator between
 //   two wires that only feed that sum is dropped too.
-// Results are summed in float64, rank by rank, per lane: the same arithmetic in every lane, ISA
-// and tile, so any column blocking gives bit-identical results.
+// Results are summed in float64, rank by rank, per lane (16-bit inputs: a few ranks in float32
+// first, see trimmed_tile_regs): the same arithmetic in every lane, ISA and tile, so any column
+// blocking gives bit-identical results. Trimmed mean with n <= 32 skips the tile altogether
+// (trimmed_tile_regs): rows -> registers -> network -> sums, one register-wide group at a time.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -49,6 +52,7 @@ struct SelectJob {
     int nc;
     float* out;
     void (*reg_sort)(void*);  // an unrolled full sort for small m (then ca/cb are unused), or null
+    void (*reg_trim)(const SelectJob&, int64_t);  // trimmed mean, small m: a whole tile in registers, or null
 };
 
 // Batcher's odd-even merge sort on N = 2^p wires, in its iterative form; comparators touching
@@ -171,11 +175,180 @@ SortFn reg_sorter(Isa isa, int n, std::index_sequence<I...>) {
     return (isa == kAvx512 ? avx512 : isa == kAvx2 ? avx2 : portable)[n - 1];
 }
 
+// ---- trimmed mean for m <= kRegMax without a tile: each group of lanes (one register per row) goes
+// from the rows straight into registers (raw -> key there), through the unrolled network, and only
+// the group's n keys (2 KiB at most, L1-resident) go through memory for the float64 sums. The
+// 32 KiB tile of select_tile, stored and reloaded twice per tile, filled L1 and cost more than
+// the network. The per-lane arithmetic depends only on the column's values and on m and f (never
+// on the ISA, lane or group), and every column of a call with m <= kRegMax goes through here.
+template <class T>
+constexpr typename T::Key nan_above() {
+    if constexpr (std::is_same<T, F32>::value)
+        return 0x7f800000;
+    else if constexpr (std::is_same<T, F16>::value)
+        return 0x7c00;
+    else
+        return 0x7f80;
+}
+
+// The float32 partial sums of 16-bit ranks below (two or four ranks) are taken on values scaled by
+// 2^-2 for bfloat16, whose largest finite values would otherwise overflow float32 when added
+// (float16 needs no scaling); the float64 total is scaled back. Both scalings are exact: bfloat16
+// values are multiples of 2^-133, so their quarters (multiples of 2^-135) and every sum of them
+// are float32-representable down to the subnormals, and |sum of four quarters| <= the largest
+// bfloat16 < FLT_MAX.
+template <class T>
+TAPESTRY_INLINE float part_f(typename T::Key k) {
+    if constexpr (std::is_same<T, BF16>::value)
+        return T::value_f(k) * 0.25f;
+    else
+        return T::value_f(k);
+}
+template <class T>
+TAPESTRY_INLINE double part_d(typename T::Key k) {
+    if constexpr (std::is_same<T, BF16>::value)
+        return T::value(k) * 0.25;
+    else
+        return T::value(k);
+}
+template <class T>
+TAPESTRY_INLINE double unscale(double a) {
+    if constexpr (std::is_same<T, BF16>::value)
+        return a * 4.0;
+    else
+        return a;
+}
+
+// one register per row, every index a constant (the loads, keys and prefetches fully unrolled, so
+// the wires stay in registers); n rows are n separate streams, more than the hardware prefetcher
+// follows: each row's line kPrefetchTiles tiles ahead is asked for here (never faults past the end).
+// The keys are simd.h's key16 / key32, lane-wise.
+template <bool PREFETCH, class V, class R, class K, size_t... I>
+TAPESTRY_INLINE void load_keys(V* v, const R* const* src, int g, K nan_above, std::index_sequence<I...>) {
+    constexpr int W = kTileW<K>;
+    constexpr int kBits = 8 * static_cast<int>(sizeof(K));
+    constexpr K kMag = static_cast<K>(~(K(1) << (kBits - 1)));  // 0x7fff / 0x7fffffff
+    const V mag = V{} + kMag;
+    const V nan = V{} + nan_above;
+    ((void)[&] {
+        if constexpr (PREFETCH) __builtin_prefetch(src[I] + kPrefetchTiles * W + g, 0, 2);
+        V s;
+        std::memcpy(&s, src[I] + g, sizeof(V));
+        V k = s ^ ((s >> (kBits - 1)) & mag);
+        v[I] = (s & mag) > nan ? mag : k;
+    }(), ...);
+}
+
+template <class V, class K, size_t... I>
+TAPESTRY_INLINE void store_wires(const V* v, K* buf, std::index_sequence<I...>) {
+    constexpr int lanes = sizeof(V) / sizeof(K);
+    ((void)std::memcpy(buf + I * lanes, &v[I], sizeof(V)), ...);
+}
+
+// (GCC cannot see that store_wires writes every row of buf that the sums read)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <class T, int n, int BYTES>
+TAPESTRY_INLINE void trimmed_tile_regs(const SelectJob& J, int64_t j0) {
+    using K = typename T::Key;
+    using R = typename T::Raw;
+    typedef K V __attribute__((vector_size(BYTES)));
+    constexpr int lanes = BYTES / static_cast<int>(sizeof(K));
+    constexpr int W = kTileW<K>;
+    static_assert(sizeof(R) == sizeof(K), "raw and key widths");
+    const int w = static_cast<int>(std::min<int64_t>(W, J.d - j0));
+    const int f = J.param;
+    const R* src[n];
+    for (int r = 0; r < n; ++r) src[r] = reinterpret_cast<const R*>(J.base + J.row_off[r]) + j0;
+    alignas(64) K buf[n * lanes];
+    float* out = J.out + j0;
+    for (int g = 0; g < w; g += lanes) {
+        V v[n];
+        if (g + lanes <= w) {
+            load_keys<true>(v, src, g, nan_above<T>(), std::make_index_sequence<n>{});
+        } else {  // the last group: lanes past d hold raw 0 (key 0) and are never stored
+            alignas(64) R tmp[n * lanes] = {};
+            const R* tsrc[n];
+            for (int r = 0; r < n; ++r) {
+                std::memcpy(tmp + r * lanes, src[r] + g, static_cast<size_t>(w - g) * sizeof(R));
+                tsrc[r] = tmp + r * lanes;
+            }
+            load_keys<false>(v, tsrc, 0, nan_above<T>(), std::make_index_sequence<n>{});
+        }
+        run_network<V, n>(v, std::make_index_sequence<Batcher<n>::count>{});
+        store_wires<V>(v, buf, std::make_index_sequence<n>{});
+        double a[lanes];
+        for (int l = 0; l < lanes; ++l) a[l] = 0.0;
+        int r = f;
+        if constexpr (sizeof(K) == 2) {
+            // 16-bit inputs: four ranks are summed in float32 first, as (x0 + x1) + (x2 + x3), for a
+            // quarter of the float64 conversions and adds. That is exact unless the four exponents
+            // span more than 11 (float16: 11 + 2 bits of sum + 11 <= 24) or 14 (bfloat16) binades;
+            // then the coordinate's range is at least (1 - 2^-11) max|x_i|, and the three roundings
+            // (each at most 2^-24 of a partial sum, |partials| <= 2, 2, 4 max|x_i|) cost at most
+            // 8 * 2^-24 max|x_i| per four ranks: at most 1.2e-7 of the range in the mean. A remaining
+            // pair is summed the same way (select_tile's pairs).
+            for (; r + 3 < n - f; r += 4) {
+                const K* x0 = buf + r * lanes;
+                const K* x1 = buf + (r + 1) * lanes;
+                const K* x2 = buf + (r + 2) * lanes;
+                const K* x3 = buf + (r + 3) * lanes;
+                for (int l = 0; l < lanes; ++l)
+                    a[l] += static_cast<double>((part_f<T>(x0[l]) + part_f<T>(x1[l])) +
+                                                (part_f<T>(x2[l]) + part_f<T>(x3[l])));
+            }
+            for (; r + 1 < n - f; r += 2) {
+                const K* x = buf + r * lanes;
+                const K* y = buf + (r + 1) * lanes;
+                for (int l = 0; l < lanes; ++l) a[l] += static_cast<double>(part_f<T>(x[l]) + part_f<T>(y[l]));
+            }
+        }
+        for (; r < n - f; ++r) {
+            const K* x = buf + r * lanes;
+            for (int l = 0; l < lanes; ++l) a[l] += part_d<T>(x[l]);
+        }
+        const double cnt = static_cast<double>(n - 2 * f);
+        const int wl = std::min(lanes, w - g);
+        for (int l = 0; l < wl; ++l) out[g + l] = static_cast<float>(unscale<T>(a[l]) / cnt);
+    }
+}
+
+#pragma GCC diagnostic pop
+
+using TrimFn = void (*)(const SelectJob&, int64_t);
+
+template <class T, int n>
+TAPESTRY_AVX512 void trim_regs_avx512(const SelectJob& J, int64_t j0) {
+    trimmed_tile_regs<T, n, 64>(J, j0);
+}
+template <class T, int n>
+TAPESTRY_AVX2 void trim_regs_avx2(const SelectJob& J, int64_t j0) {
+    trimmed_tile_regs<T, n, 32>(J, j0);
+}
+template <class T, int n>
+void trim_regs_portable(const SelectJob& J, int64_t j0) {
+    trimmed_tile_regs<T, n, 16>(J, j0);
+}
+
+template <class T, size_t... I>
+TrimFn reg_trimmer(Isa isa, int n, std::index_sequence<I...>) {
+    static constexpr TrimFn avx512[] = {trim_regs_avx512<T, int(I) + 1>...};
+    static constexpr TrimFn avx2[] = {trim_regs_avx2<T, int(I) + 1>...};
+    static constexpr TrimFn portable[] = {trim_regs_portable<T, int(I) + 1>...};
+    return (isa == kAvx512 ? avx512 : isa == kAvx2 ? avx2 : portable)[n - 1];
+}
+
 template <class T, int OP>
 TAPESTRY_INLINE void select_tile(const SelectJob& J, int64_t j0, void* scratch, double* acc, double* med,
                                  int32_t* start) {
     using K = typename T::Key;
     using R = typename T::Raw;
+    if constexpr (OP == kTrimmed) {
+        if (J.reg_trim) {
+            J.reg_trim(J, j0);
+            return;
+        }
+    }
     K* t = static_cast<K*>(scratch);
     constexpr int W = kTileW<K>;
     const int m = J.m;
@@ -225,14 +398,14 @@ TAPESTRY_INLINE void select_tile(const SelectJob& J, int64_t j0, void* scratch, 
                 for (; r + 1 < m - f; r += 2) {
                     const K* x = row(r) + l0;
                     const K* y = row(r + 1) + l0;
-                    for (int l = 0; l < 32; ++l) a[l] += static_cast<double>(T::value_f(x[l]) + T::value_f(y[l]));
+                    for (int l = 0; l < 32; ++l) a[l] += static_cast<double>(part_f<T>(x[l]) + part_f<T>(y[l]));
                 }
             }
             for (; r < m - f; ++r) {
                 const K* x = row(r) + l0;
-                for (int l = 0; l < 32; ++l) a[l] += T::value(x[l]);
+                for (int l = 0; l < 32; ++l) a[l] += part_d<T>(x[l]);
             }
-            for (int l = 0; l < 32; ++l) acc[l0 + l] = a[l];
+            for (int l = 0; l < 32; ++l) acc[l0 + l] = unscale<T>(a[l]);
         }
         const double cnt = static_cast<double>(m - 2 * f);
         for (int l = 0; l < w; ++l) out[l] = static_cast<float>(acc[l] / cnt);
@@ -319,8 +492,15 @@ void run_select(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, 
     if (m <= kRegMax)
         reg = dtype == kFloat32 ? reg_sorter<int32_t>(isa, static_cast<int>(m), std::make_index_sequence<kRegMax>{})
                                 : reg_sorter<int16_t>(isa, static_cast<int>(m), std::make_index_sequence<kRegMax>{});
+    TrimFn trim = nullptr;
+    if (m <= kRegMax && op == kTrimmed) {
+        const auto seq = std::make_index_sequence<kRegMax>{};
+        trim = dtype == kFloat32   ? reg_trimmer<F32>(isa, static_cast<int>(m), seq)
+               : dtype == kFloat16 ? reg_trimmer<F16>(isa, static_cast<int>(m), seq)
+                                   : reg_trimmer<BF16>(isa, static_cast<int>(m), seq);
+    }
     SelectJob J{static_cast<const char*>(X), off.data(), static_cast<int>(m), d, dtype, op, param,
-                ca.data(), cb.data(), static_cast<int>(ca.size()), out, reg};
+                ca.data(), cb.data(), static_cast<int>(ca.size()), out, reg, trim};
     const TileFn fn = isa == kAvx512 ? select_tiles_avx512 : isa == kAvx2 ? select_tiles_avx2 : select_tiles_portable;
     const int64_t W = dtype == kFloat32 ? kTileW<int32_t> : kTileW<int16_t>;
     const int64_t ntiles = (d + W - 1) / W;
