@@ -6,6 +6,7 @@
 // vectorises where it can. The SIMD code does exactly the scalar float32 operations lane by lane, so
 // every path gives identical bytes.
 #include "quant.h"
+#include "quant_api.h"
 
 #include <algorithm>
 #include <cmath>
