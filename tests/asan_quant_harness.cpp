@@ -1,4 +1,4 @@
-// AddressSanitizer/UBSan harness for the C++ quant kernels (built and run by
+// AddressSanitizer/UBSan harness for the C++ quant kernels and the fused decode-and-select ops (built and run by
 // tests/test_compression_fuzz.py; not part of the package).
 //
 // stdin: records produced by the Python decoder from fuzzed payloads that passed validation, i.e.
@@ -54,6 +54,19 @@ int main() {
         }
         volatile float sink = 0;
         for (uint64_t j = 0; j < m; ++j) sink = sink + out[j];
+        // the fused decode-and-select ops over the same exact-size buffers: 3 rows (register path)
+        // and 6 rows (tile path: the harness is built with TAPESTRY_REG_MAX=4)
+        const int bits = op == 1 ? 8 : 4;
+        const void* codes[6] = {q, q, q, q, q, q};
+        const float* scales6[6] = {s, s, s, s, s, s};
+        const int64_t rows[3] = {2, 0, 5};
+        for (int64_t n : {3, 6}) {
+            tapestry::trimmed_mean_quantized(codes, scales6, bits, int64_t(block), n, int64_t(m), 1, out);
+            tapestry::coord_median_quantized(codes, scales6, bits, int64_t(block), n, int64_t(m), out);
+            tapestry::mean_around_median_quantized(codes, scales6, bits, int64_t(block), n, int64_t(m), rows, n / 2, 1,
+                                                   out);
+            for (uint64_t j = 0; j < m; ++j) sink = sink + out[j];
+        }
         delete[] out;
         delete[] s;
         delete[] q;

@@ -1,9 +1,13 @@
 // tapestry._C bindings for the robust kernels: argument unpacking only. Pointers are data_ptr()s
 // of tensors that tapestry.backends.cpu has checked (dtype, shape, unit stride along d).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <vector>
 
+#include "cpu/quant_api.h"
 #include "cpu/simd.h"
 
 namespace py = pybind11;
@@ -21,6 +25,20 @@ template <class T>
 static T* ptr(uintptr_t p) {
     return reinterpret_cast<T*>(p);
 }
+
+// n quantised rows: their codes and scales pointers
+struct QuantArgs {
+    std::vector<const void*> codes;
+    std::vector<const float*> scales;
+    QuantArgs(const std::vector<uintptr_t>& c, const std::vector<uintptr_t>& s) {
+        if (c.size() != s.size()) throw std::invalid_argument("codes and scales lists differ in length");
+        for (size_t i = 0; i < c.size(); ++i) {
+            codes.push_back(ptr<const void>(c[i]));
+            scales.push_back(ptr<const float>(s[i]));
+        }
+    }
+    int64_t n() const { return static_cast<int64_t>(codes.size()); }
+};
 
 void bind_robust(py::module_& m) {
     using namespace tapestry;
@@ -52,6 +70,30 @@ void bind_robust(py::module_& m) {
               gram(ptr<const void>(X), n, d, stride, dtype, ptr<double>(G));
           },
           nogil, "float64 Gram matrix of the rows after a per-column shift (first finite value)");
+    using Ptrs = const std::vector<uintptr_t>&;
+    m.def("trimmed_mean_quantized",
+          [](Ptrs codes, Ptrs scales, int bits, int64_t block, int64_t d, int64_t f, uintptr_t out) {
+              QuantArgs q(codes, scales);
+              py::gil_scoped_release nogil;
+              trimmed_mean_quantized(q.codes.data(), q.scales.data(), bits, block, q.n(), d, f, ptr<float>(out));
+          },
+          "trimmed_mean of n int8/int4 rows ([codes_ptr]*n, [scales_ptr]*n, bits, block, d, f, out_ptr)");
+    m.def("coord_median_quantized",
+          [](Ptrs codes, Ptrs scales, int bits, int64_t block, int64_t d, uintptr_t out) {
+              QuantArgs q(codes, scales);
+              py::gil_scoped_release nogil;
+              coord_median_quantized(q.codes.data(), q.scales.data(), bits, block, q.n(), d, ptr<float>(out));
+          },
+          "coord_median of n int8/int4 rows ([codes_ptr]*n, [scales_ptr]*n, bits, block, d, out_ptr)");
+    m.def("mean_around_median_quantized",
+          [](Ptrs codes, Ptrs scales, int bits, int64_t block, int64_t d, uintptr_t rows, int64_t m, int64_t k,
+             uintptr_t out) {
+              QuantArgs q(codes, scales);
+              py::gil_scoped_release nogil;
+              mean_around_median_quantized(q.codes.data(), q.scales.data(), bits, block, q.n(), d,
+                                           ptr<const int64_t>(rows), m, k, ptr<float>(out));
+          },
+          "mean_around_median over the given rows of n int8/int4 rows");
     m.def("set_isa", [](int isa) { simd::isa_cap() = isa; },
           "cap the SIMD path used by the robust kernels: 0 portable, 1 avx2, 2 avx512, -1 best available");
     m.def("isa", []() { return std::string(simd::isa_name(simd::active())); },

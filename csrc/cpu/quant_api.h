@@ -1,5 +1,6 @@
-// The CPU quantisation kernels' entry points (defined in quant.cpp), declared once for the
-// bindings and the AddressSanitizer test harness.
+// The CPU quantisation kernels' entry points (quant.cpp) and the selection ops that decode
+// quantised rows as they go (select.cpp), declared once for the bindings and the AddressSanitizer
+// test harness.
 #pragma once
 #include <cstdint>
 
@@ -12,4 +13,12 @@ void dequantize_int8(const int8_t* const* q, const float* const* scales, int64_t
                      float* const* out);
 void dequantize_int4(const uint8_t* const* packed, const float* const* scales, int64_t n, int64_t m, int64_t block,
                      float* const* out);
+
+// n rows of d values: codes[i] (int8 for bits 8, packed nibbles for bits 4) and scales[i]
+void trimmed_mean_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n,
+                            int64_t d, int64_t f, float* out);
+void coord_median_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n,
+                            int64_t d, float* out);
+void mean_around_median_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block,
+                                  int64_t n, int64_t d, const int64_t* rows, int64_t m, int64_t k, float* out);
 }  // namespace tapestry

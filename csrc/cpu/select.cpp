@@ -15,6 +15,11 @@
 // first, see trimmed_tile_regs): the same arithmetic in every lane, ISA and tile, so any column
 // blocking gives bit-identical results. Trimmed mean with n <= 32 skips the tile altogether
 // (trimmed_tile_regs): rows -> registers -> network -> sums, one register-wide group at a time.
+//
+// Quantised rows (int8 codes or packed int4 nibbles with one float32 scale per block, as in
+// quant.h) are decoded tile by tile into an L1-resident float32 tile, q * scale exactly as
+// dequantize computes it, and that tile goes through the float32 path: the same results, bit for
+// bit, as dequantizing every row first, without the n dense rows.
 #include <omp.h>
 
 #include <algorithm>
@@ -24,6 +29,7 @@
 #include <utility>
 #include <vector>
 
+#include "quant_api.h"
 #include "simd.h"
 
 namespace tapestry {
@@ -53,6 +59,7 @@ struct SelectJob {
     float* out;
     void (*reg_sort)(void*);  // an unrolled full sort for small m (then ca/cb are unused), or null
     void (*reg_trim)(const SelectJob&, int64_t);  // trimmed mean, small m: a whole tile in registers, or null
+    bool prefetch;  // ask for the rows' next tiles (not when the rows are a decoded tile in L1)
 };
 
 // Batcher's odd-even merge sort on N = 2^p wires, in its iterative form; comparators touching
@@ -92,7 +99,10 @@ void prune(const std::vector<std::pair<int, int>>& net, std::vector<char> state,
 // ---- register-resident networks for n <= kRegMax: the whole network unrolled at compile time,
 // one vector register per wire (16 float32 keys or 32 float16/bfloat16 keys on AVX-512), so a
 // comparator is two instructions instead of loads and stores through the tile.
-constexpr int kRegMax = 32;
+#ifndef TAPESTRY_REG_MAX  // smaller only in the AddressSanitizer harness, to keep its build short
+#define TAPESTRY_REG_MAX 32
+#endif
+constexpr int kRegMax = TAPESTRY_REG_MAX;
 
 constexpr int batcher_count(int n) {
     int N = 1, c = 0;
@@ -264,8 +274,10 @@ TAPESTRY_INLINE void trimmed_tile_regs(const SelectJob& J, int64_t j0) {
     float* out = J.out + j0;
     for (int g = 0; g < w; g += lanes) {
         V v[n];
-        if (g + lanes <= w) {
+        if (g + lanes <= w && J.prefetch) {
             load_keys<true>(v, src, g, nan_above<T>(), std::make_index_sequence<n>{});
+        } else if (g + lanes <= w) {
+            load_keys<false>(v, src, g, nan_above<T>(), std::make_index_sequence<n>{});
         } else {  // the last group: lanes past d hold raw 0 (key 0) and are never stored
             alignas(64) R tmp[n * lanes] = {};
             const R* tsrc[n];
@@ -358,8 +370,9 @@ TAPESTRY_INLINE void select_tile(const SelectJob& J, int64_t j0, void* scratch, 
         K* dst = t + static_cast<size_t>(r) * W;
         // n rows are n separate streams, more than the hardware prefetcher follows: ask for this
         // row's lines kPrefetchTiles tiles ahead (a prefetch past the end never faults).
-        for (int l = 0; l < W; l += 64 / static_cast<int>(sizeof(R)))
-            __builtin_prefetch(src + kPrefetchTiles * W + l, 0, 2);
+        if (J.prefetch)
+            for (int l = 0; l < W; l += 64 / static_cast<int>(sizeof(R)))
+                __builtin_prefetch(src + kPrefetchTiles * W + l, 0, 2);
         if (w == W) {
             for (int l = 0; l < W; ++l) dst[l] = T::key(src[l]);
         } else {  // the last tile: lanes past d hold key 0 and are never stored
@@ -478,12 +491,76 @@ TAPESTRY_SELECT_TILE_FN(select_tiles_avx512, TAPESTRY_AVX512)
 TAPESTRY_SELECT_TILE_FN(select_tiles_avx2, TAPESTRY_AVX2)
 TAPESTRY_SELECT_TILE_FN(select_tiles_portable, )
 
-void run_select(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, const int64_t* rows, int64_t m,
-                int op, int param, const std::vector<char>& wires, float* out) {
+// ---- quantised rows: decode a tile of the m rows read into float32 (row r at t + r * kTileW)
+struct QuantRows {
+    const void* const* codes;    // per client: int8 codes (bits 8) or packed nibbles, low one first (bits 4)
+    const float* const* scales;  // per client: one scale per block
+    int bits;
+    int64_t block;  // even
+};
+
+template <int BITS>
+TAPESTRY_INLINE void decode_tile(const QuantRows& q, const int64_t* rows, int m, int64_t j0, int w, float* t) {
+    constexpr int W = kTileW<int32_t>;
+    for (int r = 0; r < m; ++r) {
+        const int64_t i = rows ? rows[r] : r;
+        const float* sc = q.scales[i];
+        float* dst = t + static_cast<size_t>(r) * W;  // dst[j - j0]: column j
+        const int64_t j1 = j0 + w;
+        if (BITS == 8) {
+            const int8_t* c = static_cast<const int8_t*>(q.codes[i]);
+            __builtin_prefetch(c + j0 + kPrefetchTiles * W, 0, 2);  // n rows: n streams, see load_keys
+            __builtin_prefetch(c + j0 + kPrefetchTiles * W + 64, 0, 2);
+            __builtin_prefetch(c + j0 + kPrefetchTiles * W + 128, 0, 2);
+            __builtin_prefetch(c + j0 + kPrefetchTiles * W + 192, 0, 2);
+            for (int64_t a = j0; a < j1;) {  // runs of one scale
+                const int64_t b = std::min(j1, (a / q.block + 1) * q.block);
+                const float s = sc[a / q.block];
+                for (int64_t j = a; j < b; ++j) dst[j - j0] = static_cast<float>(c[j]) * s;
+                a = b;
+            }
+        } else {  // j0 and block boundaries are even, so runs hold whole bytes; only a run ending at an
+                  // odd d ends in half a byte
+            const uint8_t* c = static_cast<const uint8_t*>(q.codes[i]);
+            __builtin_prefetch(c + j0 / 2 + kPrefetchTiles * W / 2, 0, 2);
+            __builtin_prefetch(c + j0 / 2 + kPrefetchTiles * W / 2 + 64, 0, 2);
+            for (int64_t a = j0; a < j1;) {
+                const int64_t b = std::min(j1, (a / q.block + 1) * q.block);
+                const float s = sc[a / q.block];
+                for (int64_t p = a / 2; p < b / 2; ++p) {
+                    dst[2 * p - j0] = static_cast<float>(static_cast<int>(c[p] & 15) - 8) * s;
+                    dst[2 * p + 1 - j0] = static_cast<float>(static_cast<int>(c[p] >> 4) - 8) * s;
+                }
+                if (b & 1) dst[b - 1 - j0] = static_cast<float>(static_cast<int>(c[b / 2] & 15) - 8) * s;
+                a = b;
+            }
+        }
+    }
+}
+
+using DecodeFn = void (*)(const QuantRows&, const int64_t*, int, int64_t, int, float*);
+
+#define TAPESTRY_DECODE_TILE_FN(NAME, ATTR)                                                           \
+    ATTR void NAME(const QuantRows& q, const int64_t* rows, int m, int64_t j0, int w, float* t) {     \
+        if (q.bits == 8)                                                                              \
+            decode_tile<8>(q, rows, m, j0, w, t);                                                     \
+        else                                                                                          \
+            decode_tile<4>(q, rows, m, j0, w, t);                                                     \
+    }
+
+TAPESTRY_DECODE_TILE_FN(decode_tile_avx512, TAPESTRY_AVX512)
+TAPESTRY_DECODE_TILE_FN(decode_tile_avx2, TAPESTRY_AVX2)
+TAPESTRY_DECODE_TILE_FN(decode_tile_portable, )
+
+// X (row stride `stride` elements of `dtype`), or quantised rows q (then X, stride and dtype are unused).
+void run_select(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, const QuantRows* q,
+                const int64_t* rows, int64_t m, int op, int param, const std::vector<char>& wires, float* out) {
     if (d <= 0 || m <= 0) return;
+    if (q) dtype = kFloat32;  // what the decoded tile holds
     const size_t es = dtype == kFloat32 ? 4 : 2;
     std::vector<int64_t> off(m);
-    for (int64_t i = 0; i < m; ++i) off[i] = (rows ? rows[i] : i) * stride * static_cast<int64_t>(es);
+    for (int64_t i = 0; i < m; ++i)  // a decoded tile holds row r (rows[r], when given) at r * kTileW
+        off[i] = q ? i * kTileW<int32_t> * 4 : (rows ? rows[i] : i) * stride * static_cast<int64_t>(es);
     (void)n;
     std::vector<int32_t> ca, cb;
     prune(oddeven_merge_sort(static_cast<int>(m)), wires, ca, cb);
@@ -500,17 +577,32 @@ void run_select(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, 
                                    : reg_trimmer<BF16>(isa, static_cast<int>(m), seq);
     }
     SelectJob J{static_cast<const char*>(X), off.data(), static_cast<int>(m), d, dtype, op, param,
-                ca.data(), cb.data(), static_cast<int>(ca.size()), out, reg, trim};
+                ca.data(), cb.data(), static_cast<int>(ca.size()), out, reg, trim, q == nullptr};
     const TileFn fn = isa == kAvx512 ? select_tiles_avx512 : isa == kAvx2 ? select_tiles_avx2 : select_tiles_portable;
     const int64_t W = dtype == kFloat32 ? kTileW<int32_t> : kTileW<int16_t>;
     const int64_t ntiles = (d + W - 1) / W;
+    const DecodeFn decode = isa == kAvx512 ? decode_tile_avx512 : isa == kAvx2 ? decode_tile_avx2 : decode_tile_portable;
 #pragma omp parallel if (ntiles > 1)
     {
         Scratch<char> t(static_cast<size_t>(m) * W * es);
+        Scratch<float> qt(q ? static_cast<size_t>(m) * W : 0);
         Scratch<double> acc(kMaxW), med(kMaxW);
         Scratch<int32_t> s(kMaxW);
 #pragma omp for schedule(dynamic, 16)  // each tile writes only its own outputs: any order is exact
-        for (int64_t i = 0; i < ntiles; ++i) fn(J, i * W, t.p, acc.p, med.p, s.p);
+        for (int64_t i = 0; i < ntiles; ++i) {
+            if (!q) {
+                fn(J, i * W, t.p, acc.p, med.p, s.p);
+                continue;
+            }
+            // the decoded tile is a float32 matrix of m rows and w columns at qt
+            const int w = static_cast<int>(std::min<int64_t>(W, d - i * W));
+            decode(*q, rows, static_cast<int>(m), i * W, w, qt.p);
+            SelectJob Jt = J;
+            Jt.base = reinterpret_cast<const char*>(qt.p);
+            Jt.d = w;
+            Jt.out = out + i * W;
+            fn(Jt, 0, t.p, acc.p, med.p, s.p);
+        }
     }
 }
 
@@ -519,20 +611,45 @@ void run_select(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, 
 void trimmed_mean(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, int64_t f, float* out) {
     std::vector<char> wires(n, 0);
     for (int64_t r = f; r < n - f; ++r) wires[r] = 1;
-    run_select(X, n, d, stride, dtype, nullptr, n, kTrimmed, static_cast<int>(f), wires, out);
+    run_select(X, n, d, stride, dtype, nullptr, nullptr, n, kTrimmed, static_cast<int>(f), wires, out);
 }
 
 void coord_median(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, float* out) {
     std::vector<char> wires(n, 0);
     wires[n / 2] = 1;
     if (n % 2 == 0) wires[n / 2 - 1] = 1;
-    run_select(X, n, d, stride, dtype, nullptr, n, kMedian, 0, wires, out);
+    run_select(X, n, d, stride, dtype, nullptr, nullptr, n, kMedian, 0, wires, out);
 }
 
 void mean_around_median(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, const int64_t* rows,
                         int64_t m, int64_t k, float* out) {
     std::vector<char> wires(m, 2);  // the window can sit anywhere: every rank, in order
-    run_select(X, n, d, stride, dtype, rows, m, kAroundMedian, static_cast<int>(k), wires, out);
+    run_select(X, n, d, stride, dtype, nullptr, rows, m, kAroundMedian, static_cast<int>(k), wires, out);
+}
+
+// The same three ops on n quantised rows of d values (codes[i], scales[i]; bits 8 or 4).
+void trimmed_mean_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n,
+                            int64_t d, int64_t f, float* out) {
+    std::vector<char> wires(n, 0);
+    for (int64_t r = f; r < n - f; ++r) wires[r] = 1;
+    const QuantRows q{codes, scales, bits, block};
+    run_select(nullptr, n, d, 0, kFloat32, &q, nullptr, n, kTrimmed, static_cast<int>(f), wires, out);
+}
+
+void coord_median_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n,
+                            int64_t d, float* out) {
+    std::vector<char> wires(n, 0);
+    wires[n / 2] = 1;
+    if (n % 2 == 0) wires[n / 2 - 1] = 1;
+    const QuantRows q{codes, scales, bits, block};
+    run_select(nullptr, n, d, 0, kFloat32, &q, nullptr, n, kMedian, 0, wires, out);
+}
+
+void mean_around_median_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block,
+                                  int64_t n, int64_t d, const int64_t* rows, int64_t m, int64_t k, float* out) {
+    std::vector<char> wires(m, 2);
+    const QuantRows q{codes, scales, bits, block};
+    run_select(nullptr, n, d, 0, kFloat32, &q, rows, m, kAroundMedian, static_cast<int>(k), wires, out);
 }
 
 }  // namespace tapestry

@@ -188,6 +188,29 @@ def dequantize_int8(qs: list, scales: list, block: int, outs: list, start: int =
     return outs
 
 
+def _dequantized(qs: list, scales: list, bits: int, block: int, d: int) -> torch.Tensor:
+    X = torch.empty(len(qs), d, dtype=torch.float32)
+    (dequantize_int8 if bits == 8 else dequantize_int4)(qs, scales, block, list(X.unbind(0)))
+    return X
+
+
+def trimmed_mean_quantized(qs: list, scales: list, bits: int, block: int, d: int, f: int) -> torch.Tensor:
+    """:func:`trimmed_mean` of the ``(n, d)`` rows that dequantize_int8 (``bits`` 8) or
+    dequantize_int4 (``bits`` 4) gives for ``qs`` and ``scales``."""
+    return trimmed_mean(_dequantized(qs, scales, bits, block, d), f)
+
+
+def coord_median_quantized(qs: list, scales: list, bits: int, block: int, d: int) -> torch.Tensor:
+    """:func:`coord_median` of the dequantized rows (see :func:`trimmed_mean_quantized`)."""
+    return coord_median(_dequantized(qs, scales, bits, block, d))
+
+
+def mean_around_median_quantized(qs: list, scales: list, bits: int, block: int, d: int, rows: torch.Tensor,
+                                 k: int) -> torch.Tensor:
+    """:func:`mean_around_median` of the dequantized rows (see :func:`trimmed_mean_quantized`)."""
+    return mean_around_median(_dequantized(qs, scales, bits, block, d), rows, k)
+
+
 def dequantize_int4(qs: list, scales: list, block: int, outs: list, start: int = 0) -> list:
     """As :func:`dequantize_int8` for packed int4 (value ``j`` in byte ``j // 2``; ``start`` even)."""
     for q, s, o in zip(qs, scales, outs):

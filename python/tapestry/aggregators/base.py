@@ -92,6 +92,9 @@ def gram(src: Columns) -> tuple[torch.Tensor, str]:
 
 def apply(op: str, src: Columns, *args) -> tuple[torch.Tensor, str]:
     """Run a per-coordinate ``op`` block by block; the ``(d,)`` float32 result and the backend."""
+    fused = src.fused(op)
+    if fused is not None:
+        return fused(*args)
     name, fn = ops.resolve(op, src.device)
     blocks = list(src.blocks())
     if len(blocks) == 1:

@@ -39,6 +39,11 @@ class Columns:
         """Sum a small per-client partial result over every shard (identity for one shard)."""
         return partial
 
+    def fused(self, op: str):
+        """A kernel that runs per-coordinate ``op`` over the whole source at once, as
+        ``fn(*args) -> ((d,) float32 result, backend name)``, or None: read it block by block."""
+        return None
+
 
 class InMemory(Columns):
     """A stacked ``(n, d)`` tensor: one block, read as a view."""

@@ -95,14 +95,64 @@ def mean_around_median(X: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Ten
         return _reference("mean_around_median")(X, rows, k)
     X, stride, code = _matrix(X, "mean_around_median")
     n, d = X.shape
+    rows = _rows(rows, n, k)
+    out = torch.empty(d, dtype=torch.float32)
+    _C().mean_around_median(X.data_ptr(), n, d, stride, code, rows.data_ptr(), rows.numel(), int(k), out.data_ptr())
+    return out
+
+
+def _rows(rows, n: int, k: int) -> torch.Tensor:
+    """mean_around_median's ``rows`` as a contiguous int64 CPU tensor, checked against ``n`` and ``k``."""
     rows = torch.as_tensor(rows).to(device="cpu", dtype=torch.int64).contiguous().reshape(-1)
     m = rows.numel()
-    if m < 1 or (m and not (0 <= int(rows.min()) and int(rows.max()) < n)):
+    if m < 1 or not (0 <= int(rows.min()) and int(rows.max()) < n):
         raise ValueError(f"mean_around_median: rows must be {m} >= 1 indices in [0, {n}), got {rows.tolist()}")
     if not 1 <= k <= m:
         raise ValueError(f"mean_around_median needs 1 <= k <= m, got k={k}, m={m}")
+    return rows
+
+
+# Fused decode-and-select: the kernels decode a tile of every row at a time (csrc/cpu/select.cpp).
+
+
+def _quantized(op: str, qs: list, scales: list, bits: int, block: int, d: int) -> tuple[list[int], list[int]]:
+    """Pointers to the codes and scales of each row, after checking that every row holds ``d`` values."""
+    if bits not in (8, 4):
+        raise ValueError(f"{op}: bits must be 8 or 4, got {bits}")
+    if not (2 <= block <= 4096 and block % 2 == 0):
+        raise ValueError(f"{op}: block must be even and in [2, 4096], got {block}")
+    if len(qs) != len(scales) or not qs:
+        raise ValueError(f"{op}: needs n >= 1 rows of codes and as many of scales, got {len(qs)} and {len(scales)}")
+    ncodes, nscales = (d if bits == 8 else (d + 1) // 2), -(-d // block)
+    for i, (q, s) in enumerate(zip(qs, scales)):
+        if q.device.type != "cpu" or q.element_size() != 1 or not q.is_contiguous() or q.numel() < ncodes:
+            raise ValueError(f"{op}: row {i} needs {ncodes} contiguous 1-byte codes on the CPU, got {q.numel()} {q.dtype}")
+        if s.device.type != "cpu" or s.dtype != torch.float32 or not s.is_contiguous() or s.numel() < nscales:
+            raise ValueError(f"{op}: row {i} needs {nscales} contiguous float32 scales on the CPU, got {s.numel()} {s.dtype}")
+    return [q.data_ptr() for q in qs], [s.data_ptr() for s in scales]
+
+
+def trimmed_mean_quantized(qs: list, scales: list, bits: int, block: int, d: int, f: int) -> torch.Tensor:
+    cp, sp = _quantized("trimmed_mean_quantized", qs, scales, bits, block, d)
+    if not 0 <= 2 * f < len(qs):
+        raise ValueError(f"trimmed_mean needs 0 <= 2f < n, got n={len(qs)}, f={f}")
     out = torch.empty(d, dtype=torch.float32)
-    _C().mean_around_median(X.data_ptr(), n, d, stride, code, rows.data_ptr(), m, int(k), out.data_ptr())
+    _C().trimmed_mean_quantized(cp, sp, bits, block, d, int(f), out.data_ptr())
+    return out
+
+
+def coord_median_quantized(qs: list, scales: list, bits: int, block: int, d: int) -> torch.Tensor:
+    cp, sp = _quantized("coord_median_quantized", qs, scales, bits, block, d)
+    out = torch.empty(d, dtype=torch.float32)
+    _C().coord_median_quantized(cp, sp, bits, block, d, out.data_ptr())
+    return out
+
+
+def mean_around_median_quantized(qs: list, scales: list, bits: int, block: int, d: int, rows, k: int) -> torch.Tensor:
+    cp, sp = _quantized("mean_around_median_quantized", qs, scales, bits, block, d)
+    rows = _rows(rows, len(qs), k)
+    out = torch.empty(d, dtype=torch.float32)
+    _C().mean_around_median_quantized(cp, sp, bits, block, d, rows.data_ptr(), rows.numel(), int(k), out.data_ptr())
     return out
 
 

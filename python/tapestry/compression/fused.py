@@ -16,11 +16,13 @@ from typing import Any, Iterator
 
 import torch
 
+from .. import ops
 from ..aggregators import RULES, Rule, make_rule
 from ..aggregators.columns import Columns
 from .codecs import decode_rows, unflatten
 from .wire import Payload, PayloadError, parse
 
+FUSED_OPS = ("trimmed_mean", "coord_median", "mean_around_median")
 DEFAULT_BLOCK_BYTES = 16 << 20  # n=32: 131072 columns a block; few blocks, few OpenMP wake-ups (slow on VMs)
 
 
@@ -67,6 +69,26 @@ class Compressed(Columns):
         if stop > a:
             decode_rows(self.payloads, rows, a, stop)
         return out[:, start - a :]
+
+    def fused(self, op: str):
+        """trimmed_mean, coord_median and mean_around_median of int8/int4 payloads (one codec and
+        block for all): a kernel that decodes tile by tile inside the selection, where a backend
+        other than the reference (which would materialise every row) has one."""
+        kinds = {(p.codec, p.block) for p in self.payloads}
+        if op not in FUSED_OPS or len(kinds) != 1:
+            return None
+        codec, block = kinds.pop()
+        if codec not in ("int8", "int4"):
+            return None
+        try:
+            name, fn = ops.resolve(op + "_quantized", self.device)
+        except ops.BackendError:
+            return None
+        if name == "reference":
+            return None
+        qs, scales = [p.values for p in self.payloads], [p.scales for p in self.payloads]
+        bits = 8 if codec == "int8" else 4
+        return lambda *args: (fn(qs, scales, bits, block, self.d, *args), name)
 
     def blocks(self) -> Iterator[tuple[int, int]]:
         for start in range(0, self.d, self.cols):
