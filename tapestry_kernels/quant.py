@@ -2,7 +2,7 @@
 
     scale_b = absmax_b / qmax               (qmax 127 or 7; 0 when absmax_b < 2^-96)
     q_j     = clamp(floor(x_j * (1 / scale_b) + u_j), -qmax, qmax),    decode: q_j * scale_b
-    u_j     = 0.5 (nearest) or uniform(key, j) = half (j & 1) of mix32(mix32((j >> 1) ^ k0) ^ k1), * 2^-16
+    u_j     = 0.5 (nearest) or uniform(key, j) = half (j & 1) of mix32((j >> 1) ^ k0) ^ k1, * 2^-16
 
 One program quantises one block (the absmax is a max over |x| bits, which ranks NaN above Inf
 above every finite value). Divisions are correctly rounded (div_rn) and kernels are compiled
@@ -50,7 +50,7 @@ def _quantize_block(X, b, m, block, k0, k1, qmax, offs, STOCHASTIC: tl.constexpr
 def _round(x, j, inv, qmax, bad, k0, k1, STOCHASTIC: tl.constexpr):
     if STOCHASTIC:
         ju = j.to(tl.uint32)
-        r = _mix32(_mix32((ju >> 1) ^ k0.to(tl.uint32, bitcast=True)) ^ k1.to(tl.uint32, bitcast=True))
+        r = _mix32((ju >> 1) ^ k0.to(tl.uint32, bitcast=True)) ^ k1.to(tl.uint32, bitcast=True)
         u = ((r >> ((ju & 1) * 16)) & 0xFFFF).to(tl.float32) * 1.52587890625e-05
     else:
         u = 0.5

@@ -14,7 +14,7 @@ import tapestry as tp
 from tapestry import ops
 from tapestry import reference as R
 from tapestry.compression import Compressor, PayloadError, aggregate, decode, encode
-from tapestry.compression.codecs import seed_key
+from tapestry.compression.codecs import decode_flat, seed_key
 from tapestry.compression.fused import Compressed, open_payloads
 from tapestry.compression.wire import parse
 
@@ -408,6 +408,19 @@ def test_parameter_sets_round_trip_names_shapes_dtypes(codec):
     assert isinstance(y, torch.Tensor) and y.shape == (6, 7)
     v = np.arange(5, dtype=np.float32)
     assert isinstance(decode(encode(v, codec)), np.ndarray)
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "fp16", "bf16", "topk"])
+def test_decode_into_a_reused_buffer(codec):
+    x = _hard_vector(10007, torch.float32, seed=3)
+    p = encode(x, codec, seed=4)
+    assert type(p) is bytes
+    buf = torch.full((10007,), float("nan"))
+    got, spec = decode_flat(p, out=buf)
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(buf, decode_flat(p)[0])
+    for bad in (torch.empty(10006), torch.empty(10007, dtype=torch.float64), torch.empty(2, 10007)[:, 0]):
+        with pytest.raises(ValueError, match="out must be a contiguous float32 CPU tensor of d=10007 values"):
+            decode_flat(p, out=bad)
 
 
 def test_exact_codecs_round_trip_exactly():

@@ -55,17 +55,10 @@ bool has_avx512() { return simd::active() >= simd::kAvx512; }
 
 #define TP_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2")))
 
-TP_AVX512_FN TAPESTRY_INLINE __m512i mix32_x16(__m512i x) {
-    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
-    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int32_t(0x846ca68bu)));
-    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-}
-
-// u for the 32 elements j .. j + 31 (j even): 16 hashes of the pairs j/2 .. j/2 + 15. Read as 32
-// 16-bit lanes the hashes are already in element order (low half: even element, high half: odd),
-// so a zero-extension gives the 16-bit integers of elements j .. j + 15 and j + 16 .. j + 31.
+// u for the 32 elements j .. j + 31 (j even): 16 hashes r = mix32(pair ^ k0) ^ k1 of the pairs
+// j/2 .. j/2 + 15 (see quant::uniform). Read as 32 16-bit lanes the hashes are already in element
+// order (low half: even element, high half: odd), so a zero-extension gives the 16-bit integers of
+// elements j .. j + 15 and j + 16 .. j + 31.
 TP_AVX512_FN TAPESTRY_INLINE void uniform_x32(uint32_t j, uint32_t k0, __m512i vk0, __m512i vk1, __m512* ua, __m512* ub) {
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const uint32_t base = j >> 1;
@@ -79,12 +72,11 @@ TP_AVX512_FN TAPESTRY_INLINE void uniform_x32(uint32_t j, uint32_t k0, __m512i v
         h = _mm512_xor_si512(pair, vk0);
         h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
     }
-    // the rest of mix32(pair ^ k0), then mix32(. ^ k1)
+    // the rest of mix32(pair ^ k0); its last `x ^= x >> 16` and the `^ k1` are one three-way xor
     h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb352d));
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
     h = _mm512_mullo_epi32(h, _mm512_set1_epi32(int32_t(0x846ca68bu)));
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    const __m512i r = mix32_x16(_mm512_xor_si512(h, vk1));
+    const __m512i r = _mm512_ternarylogic_epi32(h, _mm512_srli_epi32(h, 16), vk1, 0x96);  // a ^ b ^ c
     const __m512 scale = _mm512_set1_ps(1.52587890625e-05f);
     *ua = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r))), scale);
     *ub = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r, 1))), scale);
@@ -197,11 +189,11 @@ __attribute__((target("avx2"))) inline __m256i mix32_x8(__m256i x) {
     return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
 
-// u for the 16 elements j .. j + 15 (j even): 8 hashes of the pairs j/2 .. j/2 + 7, low halves to
-// even elements and high halves to odd ones (see quant::uniform).
+// u for the 16 elements j .. j + 15 (j even): 8 hashes mix32(pair ^ k0) ^ k1 of the pairs j/2 .. j/2 + 7,
+// low halves to even elements and high halves to odd ones (see quant::uniform).
 __attribute__((target("avx2"))) inline void uniform_x16(uint32_t j, __m256i k0, __m256i k1, __m256* ua, __m256* ub) {
     __m256i pair = _mm256_add_epi32(_mm256_set1_epi32(int32_t(j >> 1)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    __m256i r = mix32_x8(_mm256_xor_si256(mix32_x8(_mm256_xor_si256(pair, k0)), k1));
+    __m256i r = _mm256_xor_si256(mix32_x8(_mm256_xor_si256(pair, k0)), k1);
     __m256i even = _mm256_and_si256(r, _mm256_set1_epi32(0xffff)), odd = _mm256_srli_epi32(r, 16);
     __m256i lo = _mm256_unpacklo_epi32(even, odd), hi = _mm256_unpackhi_epi32(even, odd);  // per 128-bit lane
     const __m256 scale = _mm256_set1_ps(1.52587890625e-05f);

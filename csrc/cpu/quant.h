@@ -24,8 +24,9 @@ namespace quant {
 constexpr float kTiny = 1.2621774483536189e-29f;  // 2^-96: smaller absmax -> scale 0 (1/scale stays finite)
 constexpr uint32_t kInfBits = 0x7f800000u;
 
-// lowbias32 (C. Wellons): a 32-bit integer hash with full avalanche; two rounds keyed by the
-// seed give the counter-based generator: element j's random number depends only on (seed, j).
+// lowbias32 (C. Wellons): a 32-bit integer hash with full avalanche; one round keyed by the seed
+// (key k0 before it, k1 after) gives the counter-based generator: element j's random number depends
+// only on (seed, j).
 TP_HD uint32_t mix32(uint32_t x) {
     x ^= x >> 16;
     x *= 0x7feb352du;
@@ -35,11 +36,11 @@ TP_HD uint32_t mix32(uint32_t x) {
     return x;
 }
 
-// u in [0, 1) with 16 random bits: one hash of the pair j / 2 serves elements j and j + 1 (low and
-// high half), which halves the cost of the generator. 16 bits leave a rounding bias of at most
+// u in [0, 1) with 16 random bits of r = mix32((j >> 1) ^ k0) ^ k1: one hash of the pair j / 2 serves
+// elements j and j + 1 (low and high half), which halves the cost of the generator. 16 bits leave a rounding bias of at most
 // 2^-16 of a step, below float32's own resolution of x / scale near qmax.
 TP_HD float uniform(uint32_t j, uint32_t k0, uint32_t k1) {
-    const uint32_t r = mix32(mix32((j >> 1) ^ k0) ^ k1);
+    const uint32_t r = mix32((j >> 1) ^ k0) ^ k1;
     return float((r >> ((j & 1u) * 16u)) & 0xffffu) * 1.52587890625e-05f;
 }
 

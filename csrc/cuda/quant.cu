@@ -18,7 +18,7 @@ namespace {
 constexpr int kThreads = 256;
 
 __device__ __forceinline__ float uniform_dev(uint32_t j, uint32_t k0, uint32_t k1) {
-    const uint32_t r = quant::mix32(quant::mix32((j >> 1) ^ k0) ^ k1);  // as quant::uniform
+    const uint32_t r = quant::mix32((j >> 1) ^ k0) ^ k1;  // as quant::uniform
     return __fmul_rn(float((r >> ((j & 1u) * 16u)) & 0xffffu), 1.52587890625e-05f);
 }
 

@@ -115,12 +115,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def quant_uniform(j: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
     """The counter-based generator: float32 ``u`` in [0, 1) for element indices ``j``: 16 random
-    bits, the low (even ``j``) or high (odd ``j``) half of ``mix32(mix32((j >> 1) ^ k0) ^ k1)``,
-    so one hash serves two elements; any backend computes any element's number alone. The
-    rounding it drives is unbiased up to 2^-16 of a step."""
+    bits, the low (even ``j``) or high (odd ``j``) half of ``mix32((j >> 1) ^ k0) ^ k1`` (one
+    hash round), so one hash serves two elements; any backend computes any element's number
+    alone. The rounding it drives is unbiased up to 2^-16 of a step."""
     k0, k1 = key
     j = j & _M32
-    r = _mix32(_mix32((j >> 1) ^ k0) ^ k1)
+    r = _mix32((j >> 1) ^ k0) ^ k1
     return ((r >> ((j & 1) * 16)) & 0xFFFF).to(torch.float32) * 2.0 ** -16
 
 

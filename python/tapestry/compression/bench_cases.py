@@ -1,14 +1,18 @@
 """``tapestry bench --family compression``: encode, decode and fused decode-aggregate beside
 same-run baselines.
 
-* ``copy`` (baseline): ``dst.copy_(x)`` of one float32 update of ``d`` values into a preallocated
-  buffer. GB/s in this family counts bytes read plus bytes written (copy: 8 d), so a codec row's
-  GB/s over the copy row's is its fraction of the machine's copy bandwidth.
-* ``encode_<codec>`` / ``decode_<codec>``: the public ``encode`` (payload bytes out, stochastic
-  rounding unless ``_nearest``) and ``decode`` (float32 tensor out) of one update;
-  ``quantize_int8``/``dequantize_int8`` rows time the kernels alone on preallocated outputs.
+* ``copy`` (baseline): ``dst.copy_(x)`` of one float32 update into a preallocated buffer. GB/s in
+  this family counts bytes read plus bytes written (copy: 8 d), so a row's ``bw%`` is its fraction
+  of the machine's copy bandwidth. The single-update rows use ``d = max(--d, LLC bytes)`` values,
+  so every float32 array is at least 4x the last-level cache (STREAM's rule): model-sized updates
+  stream from DRAM, and a copy that sits in cache would overstate the machine's bandwidth.
+* ``quantize_*`` / ``dequantize_*``: the kernels on preallocated outputs (the codec's own speed).
+* ``encode_<codec>`` / ``decode_<codec>``: the public calls; each returns new memory (a payload,
+  a tensor), and first-touch page faults of fresh memory cost as much as the codec on some
+  machines (VMs above all): ``clone`` (``x.clone()``: a copy into fresh memory) shows that cost
+  on its own, and ``decode_<codec>_into`` decodes into a reused buffer (``decode_flat(out=)``).
 * ``fused_<codec>_<rule>`` vs ``<rule>_f32`` (baseline): ``compression.aggregate`` over ``n``
-  payloads against the same rule on the already-decoded ``(n, d)`` float32 updates.
+  payloads against the same rule on the already-decoded ``(n, d)`` float32 updates (``--d``).
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import torch
 import tapestry as tp
 
 from .. import ops
-from ..bench import Case, Config, _backends_for, with_backend
-from .codecs import decode, encode, seed_key
+from ..bench import Case, Config, _backends_for, last_level_cache_bytes, with_backend
+from .codecs import decode, decode_flat, encode, seed_key
 from .fused import aggregate
 
 
@@ -28,33 +32,39 @@ def cases(cfg: Config) -> list[Case]:
         return []  # payloads are host bytes; GPU kernels are timed through the op table elsewhere
     d, n, f = cfg.d, cfg.n, cfg.f
     g = torch.Generator().manual_seed(cfg.seed)
-    x = torch.randn(d, generator=g)
+    d1 = d if cfg.quick else max(d, last_level_cache_bytes())
+    x = torch.randn(d1, generator=g)
     dst = torch.empty_like(x)
-    out: list[Case] = [Case("compression", "copy", lambda: dst.copy_(x), 8 * d, is_baseline=True)]
-    p8 = encode(x, "int8", seed=1)
-    p4 = encode(x, "int4", seed=1)
-    p16 = encode(x, "fp16")
+    out: list[Case] = [Case("compression", "copy", lambda: dst.copy_(x), 8 * d1, is_baseline=True),
+                       Case("compression", "clone", lambda: x.clone(), 8 * d1, baseline="copy")]
+    key = seed_key(1)
+    payloads = {c: encode(x, c, seed=1) for c in ("int8", "int4", "fp16")}
+    q8, s8 = torch.empty(d1, dtype=torch.int8), torch.empty(-(-d1 // 256))
+    q4 = torch.empty((d1 + 1) // 2, dtype=torch.uint8)
     for b in _backends_for("cpu"):
-        key = seed_key(1)
-        q, s = ops.resolve("quantize_int8", "cpu")[1](x, 256, key)
+        def kernel(name, *args, **kw):
+            return with_backend(b, lambda: ops.call(name, *args, device="cpu", **kw))
+
         out += [
-            Case("compression", "quantize_int8", with_backend(b, lambda: ops.call("quantize_int8", x, 256, key)), 5 * d, b,
+            Case("compression", "quantize_int8", kernel("quantize_int8", x, 256, key, out=(q8, s8)), 5 * d1, b,
                  baseline="copy"),
-            Case("compression", "dequantize_int8",
-                 with_backend(b, lambda: ops.call("dequantize_int8", [q], [s], 256, [dst], device="cpu")), 5 * d, b,
+            Case("compression", "quantize_int8_nearest", kernel("quantize_int8", x, 256, None, out=(q8, s8)), 5 * d1,
+                 b, baseline="copy"),
+            Case("compression", "dequantize_int8", kernel("dequantize_int8", [q8], [s8], 256, [dst]), 5 * d1, b,
                  baseline="copy"),
-            Case("compression", "encode_int8", with_backend(b, lambda: encode(x, "int8", seed=1)), 5 * d, b, baseline="copy"),
-            Case("compression", "encode_int8_nearest", with_backend(b, lambda: encode(x, "int8", rounding="nearest")), 5 * d, b,
-                 baseline="copy"),
-            Case("compression", "decode_int8", with_backend(b, lambda: decode(p8)), 5 * d, b, baseline="copy"),
-            Case("compression", "encode_int4", with_backend(b, lambda: encode(x, "int4", seed=1)), 4 * d + d // 2, b,
-                 baseline="copy"),
-            Case("compression", "decode_int4", with_backend(b, lambda: decode(p4)), 4 * d + d // 2, b, baseline="copy"),
+            Case("compression", "quantize_int4", kernel("quantize_int4", x, 256, key, out=(q4, s8)), 4 * d1 + d1 // 2,
+                 b, baseline="copy"),
+            Case("compression", "dequantize_int4", kernel("dequantize_int4", [q4], [s8], 256, [dst]), 4 * d1 + d1 // 2,
+                 b, baseline="copy"),
         ]
-    out += [
-        Case("compression", "encode_fp16", lambda: encode(x, "fp16"), 6 * d, baseline="copy"),
-        Case("compression", "decode_fp16", lambda: decode(p16), 6 * d, baseline="copy"),
-    ]
+    for codec, nbytes in (("int8", 5 * d1), ("int4", 4 * d1 + d1 // 2), ("fp16", 6 * d1)):
+        p = payloads[codec]
+        out += [
+            Case("compression", f"encode_{codec}", lambda c=codec: encode(x, c, seed=1), nbytes, baseline="copy"),
+            Case("compression", f"decode_{codec}", lambda p=p: decode(p), nbytes, baseline="copy"),
+            Case("compression", f"decode_{codec}_into", lambda p=p: decode_flat(p, out=dst), nbytes, baseline="copy"),
+        ]
+    del payloads
 
     X = torch.randn(n, d, generator=g)
     payloads8 = [encode(X[i], "int8", seed=i) for i in range(n)]

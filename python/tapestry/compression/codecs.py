@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,20 +33,30 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..reference import _mix32
-from .wire import (CODECS, DTYPE_NAMES, DTYPES, MAX_BLOCK, MAX_D, Payload, PayloadError, Spec, build, parse)
+from .wire import (CODECS, DTYPE_NAMES, DTYPES, MAX_BLOCK, MAX_D, Payload, PayloadError, Spec, allocate, build,
+                   parse)
 
 ROUNDINGS = ("stochastic", "nearest")
 DEFAULT_TOPK_RATIO = 0.01
 
 
+def _mix32(x: int) -> int:
+    """lowbias32 on a Python int in [0, 2^32) (tapestry.reference._mix32 for one value)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
 def seed_key(seed: int) -> tuple[int, int]:
-    """The generator key ``(k0, k1)`` (two uint32) of a non-negative integer seed < 2^64."""
+    """The generator key ``(k0, k1)`` (two uint32) of a non-negative integer seed < 2^64. ``k0``,
+    which selects the hash's input sequence, depends on all 64 bits of the seed."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an int in [0, 2^64), got {seed!r}")
-    lo = torch.tensor([(seed & 0xFFFFFFFF) ^ 0x9E3779B9], dtype=torch.int64)
-    k0 = int(_mix32(lo))
-    k1 = int(_mix32(torch.tensor([(seed >> 32) ^ k0 ^ 0x85EBCA6B], dtype=torch.int64)))
+    lo, hi = seed & 0xFFFFFFFF, seed >> 32
+    k0 = _mix32(_mix32(lo ^ 0x9E3779B9) ^ hi)
+    k1 = _mix32(k0 ^ hi ^ 0x85EBCA6B)
     return k0, k1
 
 
@@ -145,51 +154,33 @@ def encode_flat(flat: torch.Tensor, spec: Spec, codec: str, *, block: int = 256,
     if d > MAX_D:
         raise ValueError(f"{codec}: a payload holds at most {MAX_D} values, got d={d}")
     if codec in ("fp16", "bf16"):
-        v = flat.to(torch.float16 if codec == "fp16" else torch.bfloat16)
+        payload, (values,) = allocate(codec, d, 0, 0, False, spec)
+        v = values.view(torch.float16 if codec == "fp16" else torch.bfloat16)
+        v.copy_(flat)  # the cast, written into the payload
         if codec == "fp16" and d and not bool(torch.isfinite(v).all()):
             _raise_nonfinite(flat, codec, overflow=torch.isfinite(flat) & ~torch.isfinite(v))
         if codec == "bf16" and d and not bool(torch.isfinite(flat).all()):
             _raise_nonfinite(flat, codec)
-        return build(codec, d, 0, 0, False, spec, [v.view(torch.uint16).numpy()])
+        return payload
     if codec == "topk":
         kk = topk_count(d, k, ratio)
         if d and not bool(torch.isfinite(flat).all()):
             _raise_nonfinite(flat, codec)
         if kk == 0:
-            return build(codec, d, 0, 0, False, spec, [b"", b""])
+            return build(codec, d, 0, 0, False, spec, [])
         idx = torch.topk(flat.abs(), kk, sorted=False).indices.sort().values
         return build(codec, d, 0, kk, False, spec, [idx.to(torch.int32).numpy(), flat[idx].numpy()])
     check_block(codec, block)
     key = None
     if rounding == "stochastic":
         key = seed_key(secrets.randbits(64) if seed is None else seed)
+    payload, (scales, codes) = allocate(codec, d, block, 0, key is not None, spec)
+    scales = scales.view(torch.float32)  # its offset is a multiple of 8
     name = "quantize_int8" if codec == "int8" else "quantize_int4"
-    q, scales = ops.call(name, flat, block, key, out=_scratch(codec, d, block))
+    ops.call(name, flat, block, key, out=(codes.view(torch.int8) if codec == "int8" else codes, scales))
     if d and not bool(torch.isfinite(scales).all()):
         _raise_nonfinite(flat, codec)
-    return build(codec, d, block, 0, key is not None, spec, [scales.numpy(), q.numpy()])
-
-
-_local = threading.local()
-SCRATCH_LIMIT = 64 << 20
-
-
-def _scratch(codec: str, d: int, block: int):
-    """Reused per-thread ``(codes, scales)`` buffers for the quantiser: the codes are copied into
-    the payload right away, and reusing them spares the page faults of a fresh allocation per
-    encode (they dominated its time). Payloads above SCRATCH_LIMIT bytes get fresh buffers."""
-    nq = d if codec == "int8" else (d + 1) // 2
-    ns = -(-d // block)
-    size = nq + 4 * ns + 4
-    if size > SCRATCH_LIMIT:
-        buf = torch.empty(size, dtype=torch.uint8)
-    else:
-        buf = getattr(_local, "buf", None)
-        if buf is None or buf.numel() < size:
-            buf = _local.buf = torch.empty(max(size, 1 << 16), dtype=torch.uint8)
-    scales = buf[: 4 * ns].view(torch.float32)  # offset 0: float32-aligned
-    q = buf[4 * ns : 4 * ns + nq]
-    return (q.view(torch.int8) if codec == "int8" else q), scales
+    return payload
 
 
 def _raise_nonfinite(flat: torch.Tensor, codec: str, overflow: torch.Tensor | None = None) -> None:
@@ -233,10 +224,19 @@ def decode_rows(ps: list[Payload], outs: list[torch.Tensor], start: int, stop: i
                 o.index_copy_(0, p.indices[lo:hi] - start, p.values[lo:hi])
 
 
-def decode_flat(payload: bytes | bytearray | memoryview, *, max_values: int | None = None) -> tuple[torch.Tensor, Spec]:
-    """``(flat float32 (d,), spec)`` of a payload; see :func:`decode`."""
+def decode_flat(payload: bytes | bytearray | memoryview, *, max_values: int | None = None,
+                out: torch.Tensor | None = None) -> tuple[torch.Tensor, Spec]:
+    """``(flat float32 (d,), spec)`` of a payload; see :func:`decode`. ``out``: a contiguous
+    float32 CPU tensor of ``d`` values to decode into (a server decoding round after round reuses
+    one buffer instead of faulting in fresh pages each time)."""
     p = parse(payload, max_values=max_values)
-    out = torch.empty(p.d, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(p.d, dtype=torch.float32)
+    elif not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.device.type == "cpu"
+              and out.is_contiguous() and out.numel() == p.d):
+        what = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of d={p.d} values, got {what}")
+    out = out.reshape(-1)
     if p.d:
         decode_rows([p], [out], 0, p.d)
     return out, p.spec

@@ -1,16 +1,22 @@
-"""Fused decode-and-aggregate: rules read ``n`` compressed payloads block by block.
+"""Fused decode-and-aggregate: rules read ``n`` compressed payloads without ``n`` dense updates.
 
-:class:`Compressed` is a :class:`~tapestry.aggregators.columns.Columns` source whose ``read``
-decodes only the requested columns of every payload into one reused float32 buffer. Every rule
-(mean, trimmed mean, median, Krum, Bulyan, ...) therefore aggregates ``n`` int8/int4/fp16/topk
-payloads holding one decoded ``(n, cols)`` block at a time: peak extra memory is about
-``n * cols * 4`` bytes (default 4 MiB, sized to stay in L2/L3) plus the ``(d,)`` result, not ``n``
-dense float32 updates.
+:class:`Compressed` is a :class:`~tapestry.aggregators.columns.Columns` source over the parsed
+payloads, so every rule (mean, trimmed mean, median, Krum, Bulyan, ...) aggregates them unchanged:
+
+* trimmed mean, median and Bulyan's coordinate stage over int8/int4 payloads (one codec and block
+  size for all) run the ``*_quantized`` kernels: a tile of 256 columns of every payload is decoded
+  into L1 inside the selection, one parallel pass over the codes, no decoded block in memory;
+* everything else (mean, Krum's Gram matrix, fp16/bf16/topk or mixed payloads) reads blocks of
+  columns decoded into one reused float32 buffer of ``n * cols * 4`` bytes (16 MiB by default).
+
+Peak extra memory is therefore the ``(d,)`` result plus at most that buffer, never ``n`` dense
+float32 updates. Results equal aggregating the decoded updates bit for bit.
 """
 
 from __future__ import annotations
 
 import inspect
+import threading
 from math import gcd
 from typing import Any, Iterator
 
@@ -22,6 +28,7 @@ from ..aggregators.columns import Columns
 from .codecs import decode_rows, unflatten
 from .wire import Payload, PayloadError, parse
 
+_local = threading.local()  # the decode buffer of this thread's Compressed sources
 FUSED_OPS = ("trimmed_mean", "coord_median", "mean_around_median")
 DEFAULT_BLOCK_BYTES = 16 << 20  # n=32: 131072 columns a block; few blocks, few OpenMP wake-ups (slow on VMs)
 
@@ -33,9 +40,11 @@ def _lcm(a: int, b: int) -> int:
 class Compressed(Columns):
     """``n`` parsed payloads of the same ``d`` and spec, decoded block by block on read.
 
-    ``read(start, stop)`` returns a view of an internal buffer that the next ``read`` overwrites
-    (rules consume each block before reading the next). ``blocks()`` yields column ranges aligned
-    to every payload's quantisation block, ``block_bytes`` of decoded float32 per range at most.
+    ``read(start, stop)`` returns a view of a per-thread buffer that the next ``read`` in this
+    thread overwrites (rules consume each block before reading the next); the buffer outlives the
+    call, so that aggregating round after round does not fault in fresh pages each time (they cost
+    as much as the decoding on some VMs). ``blocks()`` yields column ranges aligned to every
+    payload's quantisation block, ``block_bytes`` of decoded float32 per range at most.
     """
 
     def __init__(self, payloads: list[Payload], block_bytes: int = DEFAULT_BLOCK_BYTES):
@@ -51,17 +60,17 @@ class Compressed(Columns):
         self.align = align
         cols = max(align, (block_bytes // (4 * self.n)) // align * align)
         self.cols = cols
-        self._buf = torch.empty(0, dtype=torch.float32)
         self._rows: dict = {}
 
     def _buffer(self, width: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if self._buf.numel() < self.n * width:
-            self._buf = torch.empty(self.n * width, dtype=torch.float32)
-            self._rows = {}
-        if width not in self._rows:  # row views, reused while the width repeats (every full block)
-            out = self._buf[: self.n * width].view(self.n, width)
-            self._rows = {width: (out, list(out.unbind(0)))}
-        return self._rows[width]
+        buf = getattr(_local, "buf", None)
+        if buf is None or buf.numel() < self.n * width:
+            buf = _local.buf = torch.empty(self.n * width, dtype=torch.float32)
+        key = (width, buf.data_ptr())
+        if key not in self._rows:  # row views, reused while the width repeats (every full block)
+            out = buf[: self.n * width].view(self.n, width)
+            self._rows = {key: (out, list(out.unbind(0)))}
+        return self._rows[key]
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         a = start - start % self.align  # decode from an aligned start, return the requested view

@@ -111,14 +111,34 @@ def _pad8(n: int) -> int:
     return -n % 8
 
 
-def build(codec: str, d: int, block: int, k: int, stochastic: bool, spec: Spec, sections: list[bytes | np.ndarray]) -> bytes:
-    """Assemble a payload from its parts (sections as raw bytes, in wire order)."""
+def allocate(codec: str, d: int, block: int, k: int, stochastic: bool, spec: Spec) -> tuple[bytes, list[torch.Tensor]]:
+    """A payload with its header and spec written and its data sections left for the caller to
+    fill: ``(payload, [writable uint8 tensor over each data section, in wire order])``.
+
+    Encoders write their output straight into the payload this way (no second copy). The bytes
+    object is new and nobody else holds it until the caller returns it, which is how CPython's own
+    C code fills a bytes object; it must not be written to after that."""
     spec_bytes = spec.to_json()
     head = HEADER.pack(MAGIC, VERSION, CODECS[codec], FLAG_STOCHASTIC if stochastic else 0, d, block,
                        len(spec_bytes), k, 0, 0)
     crc = zlib.crc32(spec_bytes, zlib.crc32(head[:32]))
-    head = head[:32] + struct.pack("<II", crc, 0)
-    return b"".join([head, spec_bytes, bytes(_pad8(len(spec_bytes))), *[memoryview(s).cast("B") for s in sections]])
+    head = head[:32] + struct.pack("<II", crc, 0) + spec_bytes + bytes(_pad8(len(spec_bytes)))
+    sizes = data_sizes(codec, d, block, k)
+    payload = bytes(len(head) + sum(sizes))  # zeroed (for large sizes: fresh pages, not written twice)
+    with warnings.catch_warnings():  # a writable view of the new bytes object (see above)
+        warnings.simplefilter("ignore")
+        view = torch.frombuffer(payload, dtype=torch.uint8)
+    view[: len(head)] = torch.frombuffer(head, dtype=torch.uint8)
+    return payload, list(view[len(head) :].split(sizes))
+
+
+def build(codec: str, d: int, block: int, k: int, stochastic: bool, spec: Spec, sections: list[np.ndarray]) -> bytes:
+    """Assemble a payload from its data sections (arrays, in wire order)."""
+    payload, views = allocate(codec, d, block, k, stochastic, spec)
+    for view, section in zip(views, sections):
+        if view.numel():
+            view.copy_(torch.from_numpy(np.ascontiguousarray(section).reshape(-1).view(np.uint8)))
+    return payload
 
 
 def _err(msg: str) -> PayloadError:
