@@ -139,7 +139,10 @@ def test_fused_select_kernels_match_the_reference_bit_for_bit(codec, isa):
             qs, ss = _quantized_rows(n, d, codec, block, seed=n)
             rows = torch.arange(n - 1, -1, -2)
             k = max(1, rows.numel() // 2)
-            cases = [("trimmed_mean_quantized", ((n - 1) // 2,)), ("trimmed_mean_quantized", (0,)),
+            w = torch.rand(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+            w[::3] = 0  # zero-weight rows are not read
+            cases = [("weighted_mean_quantized", (w / w.sum() if w.sum() else w,)),
+                     ("trimmed_mean_quantized", ((n - 1) // 2,)), ("trimmed_mean_quantized", (0,)),
                      ("coord_median_quantized", ()), ("mean_around_median_quantized", (rows, k))]
             for op, args in cases:
                 want = getattr(R, op)(qs, ss, bits, block, d, *args)
@@ -282,9 +285,9 @@ def test_non_finite_updates_are_refused(codec):
     x[123] = float("inf")
     with pytest.raises(ValueError, match="123"):
         encode(x, codec)
-    if codec == "fp16":
-        x[123] = 1e6
-        with pytest.raises(ValueError, match="overflows float16"):
+    if codec in ("fp16", "bf16"):  # finite, but beyond the format's range
+        x[123] = 1e6 if codec == "fp16" else 3.4e38
+        with pytest.raises(ValueError, match=f"value 123 .* overflows {codec}"):
             encode(x, codec)
 
 
@@ -463,17 +466,18 @@ def test_fused_aggregate_equals_aggregating_decoded_updates(rule):
 
 @pytest.mark.parametrize("codec", ["int8", "int4"])
 def test_fused_aggregate_of_one_codec_decodes_inside_the_selection(codec):
-    """All payloads int8 (or all int4): trimmed mean, median and Bulyan's final stage run the
-    fused cpu kernels (no decoded block) and still equal aggregating the decoded updates."""
+    """All payloads int8 (or all int4): mean, trimmed mean, median, Bulyan's final stage and the
+    geometric median's weighted means run the fused cpu kernels (no decoded block) and still equal
+    aggregating the decoded updates bit for bit."""
     n, d = 11, 20011
     ps = _payloads(n, d, [codec], common=-3.0)
     dense = torch.stack([decode(p) for p in ps])
     src = Compressed(open_payloads(ps))
-    for rule in (tp.TrimmedMean(f=3), tp.Median(), tp.Bulyan(f=2)):
+    for rule in (tp.Mean(), tp.TrimmedMean(f=3), tp.Median(), tp.Bulyan(f=2), tp.GeometricMedian()):
         got, info = aggregate(ps, rule, return_info=True)
         want = rule(dense)
         assert info.backend == "cpu" and torch.equal(got, want), f"{rule.name}: {_first_mismatch(got, want)}"
-    assert src.fused("trimmed_mean") is not None and src.fused("weighted_mean") is None
+    assert src.fused("trimmed_mean") is not None and src.fused("gram") is None
     with ops.backend("reference"):  # the reference would materialise every row: blocks instead
         assert src.fused("trimmed_mean") is None
         assert torch.equal(aggregate(ps, tp.TrimmedMean(f=3)), tp.trimmed_mean(dense, f=3))
@@ -531,3 +535,32 @@ def test_fused_aggregate_peak_memory_is_about_one_update():
         one_update_mib = 4 * d / 2**20
         assert extra_mib < 2.5 * one_update_mib, f"{rule.name}: {extra_mib:.1f} MiB extra, one update is {one_update_mib:.0f} MiB"
         del out
+
+
+def test_fresh_codec_buffers_ask_for_huge_pages():
+    """Large fresh outputs (payloads, decoded updates) are advised onto transparent huge pages
+    (tapestry._pages): with THP in madvise or always mode, filling one raises AnonHugePages."""
+    from tapestry import _pages
+
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        open("/proc/self/smaps_rollup").read()
+    except OSError:
+        pytest.skip("no transparent huge pages or smaps_rollup on this system")
+    if "[never]" in mode:
+        pytest.skip("transparent huge pages are disabled on this system")
+
+    def huge_kib():
+        for line in open("/proc/self/smaps_rollup"):
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+        return 0
+
+    before = huge_kib()
+    t = _pages.empty(16 << 20)  # 64 MiB
+    t.fill_(1.0)
+    payload = _pages.empty_bytes(32 << 20)
+    assert type(payload) is bytes and len(payload) == 32 << 20 and payload[:4] == bytes(4)
+    assert huge_kib() - before >= 32 << 10, "no huge pages behind a fresh 64 MiB tensor"
+    assert float(t.sum()) == 16 << 20
+    _pages.advise_huge_pages(12345, 3)  # odd or tiny ranges are ignored, never an error

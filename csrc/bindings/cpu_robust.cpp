@@ -71,6 +71,14 @@ void bind_robust(py::module_& m) {
           },
           nogil, "float64 Gram matrix of the rows after a per-column shift (first finite value)");
     using Ptrs = const std::vector<uintptr_t>&;
+    m.def("weighted_mean_quantized",
+          [](Ptrs codes, Ptrs scales, int bits, int64_t block, int64_t d, uintptr_t w, uintptr_t out) {
+              QuantArgs q(codes, scales);
+              py::gil_scoped_release nogil;
+              weighted_mean_quantized(q.codes.data(), q.scales.data(), bits, block, q.n(), d, ptr<const double>(w),
+                                      ptr<float>(out));
+          },
+          "weighted_mean of n int8/int4 rows ([codes_ptr]*n, [scales_ptr]*n, bits, block, d, w_ptr, out_ptr)");
     m.def("trimmed_mean_quantized",
           [](Ptrs codes, Ptrs scales, int bits, int64_t block, int64_t d, int64_t f, uintptr_t out) {
               QuantArgs q(codes, scales);

@@ -2,13 +2,16 @@
 //
 // Columns are cut into blocks of B coordinates whose float64 accumulators stay in L1; each block
 // streams the rows with w_i != 0 (the others are never read, so their NaN cannot propagate).
-// Multiply then add, never fused (fp-contract is off under -std=c++17): every ISA and every
-// lane does the same arithmetic, so any column blocking gives bit-identical results.
+// Multiply then add, never fused (-ffp-contract=off): every ISA and every lane does the same
+// arithmetic, so any column blocking gives bit-identical results. Quantised rows (quant_rows.h)
+// are decoded a block of one row at a time into L1 and summed the same way.
 #include <omp.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "quant_api.h"
+#include "quant_rows.h"
 #include "simd.h"
 
 namespace tapestry {
@@ -20,11 +23,12 @@ constexpr int64_t B = 2048;  // coordinates per block: 16 KiB of float64 accumul
 
 struct MeanJob {
     const char* base;
-    const int64_t* row_off;  // byte offsets of the rows with w != 0
+    const int64_t* row_off;  // byte offsets of the rows with w != 0 (quantised rows: their indices)
     const double* w;         // their weights
     int64_t m, d;
     int dtype;
     float* out;
+    const QuantRows* q;  // quantised rows instead of base, or null
 };
 
 template <class T>
@@ -44,21 +48,51 @@ TAPESTRY_INLINE void mean_block(const MeanJob& J, int64_t j0, double* acc) {
     for (int64_t l = 0; l < b; ++l) J.out[j0 + l] = static_cast<float>(acc[l]);
 }
 
-using BlockFn = void (*)(const MeanJob&, int64_t, double*);
+template <int BITS>
+TAPESTRY_INLINE void mean_block_quantized(const MeanJob& J, int64_t j0, double* acc, float* v) {
+    const int64_t b = std::min(B, J.d - j0);
+    for (int64_t l = 0; l < b; ++l) acc[l] = 0.0;
+    for (int64_t r = 0; r < J.m; ++r) {
+        const int64_t i = J.row_off[r];
+        if (r + 1 < J.m) prefetch_row(*J.q, J.row_off[r + 1], j0, b);
+        decode_row<BITS>(*J.q, i, j0, b, v);
+        const double wi = J.w[r];
+        for (int64_t l = 0; l < b; ++l) acc[l] += wi * static_cast<double>(v[l]);
+    }
+    for (int64_t l = 0; l < b; ++l) J.out[j0 + l] = static_cast<float>(acc[l]);
+}
 
-#define TAPESTRY_MEAN_BLOCK_FN(NAME, ATTR)                        \
-    ATTR void NAME(const MeanJob& J, int64_t j0, double* acc) {   \
-        if (J.dtype == kFloat32)                                  \
-            mean_block<F32>(J, j0, acc);                          \
-        else if (J.dtype == kFloat16)                             \
-            mean_block<F16>(J, j0, acc);                          \
-        else                                                      \
-            mean_block<BF16>(J, j0, acc);                         \
+using BlockFn = void (*)(const MeanJob&, int64_t, double*, float*);
+
+#define TAPESTRY_MEAN_BLOCK_FN(NAME, ATTR)                                  \
+    ATTR void NAME(const MeanJob& J, int64_t j0, double* acc, float* v) {   \
+        if (J.q)                                                            \
+            J.q->bits == 8 ? mean_block_quantized<8>(J, j0, acc, v)         \
+                           : mean_block_quantized<4>(J, j0, acc, v);        \
+        else if (J.dtype == kFloat32)                                       \
+            mean_block<F32>(J, j0, acc);                                    \
+        else if (J.dtype == kFloat16)                                       \
+            mean_block<F16>(J, j0, acc);                                    \
+        else                                                                \
+            mean_block<BF16>(J, j0, acc);                                   \
     }
 
 TAPESTRY_MEAN_BLOCK_FN(mean_block_avx512, TAPESTRY_AVX512)
 TAPESTRY_MEAN_BLOCK_FN(mean_block_avx2, TAPESTRY_AVX2)
 TAPESTRY_MEAN_BLOCK_FN(mean_block_portable, )
+
+void run_mean(MeanJob J) {
+    const Isa isa = active();
+    const BlockFn fn = isa == kAvx512 ? mean_block_avx512 : isa == kAvx2 ? mean_block_avx2 : mean_block_portable;
+    const int64_t nblocks = (J.d + B - 1) / B;
+#pragma omp parallel if (nblocks > 1)
+    {
+        Scratch<double> acc(B);
+        Scratch<float> v(J.q ? B : 0);
+#pragma omp for schedule(dynamic, 2)  // blocks are independent: balances a busy machine
+        for (int64_t i = 0; i < nblocks; ++i) fn(J, i * B, acc.p, v.p);
+    }
+}
 
 }  // namespace
 
@@ -72,16 +106,22 @@ void weighted_mean(const void* X, int64_t n, int64_t d, int64_t stride, int dtyp
             off.push_back(i * stride * es);
             wk.push_back(w[i]);
         }
-    MeanJob J{static_cast<const char*>(X), off.data(), wk.data(), static_cast<int64_t>(off.size()), d, dtype, out};
-    const Isa isa = active();
-    const BlockFn fn = isa == kAvx512 ? mean_block_avx512 : isa == kAvx2 ? mean_block_avx2 : mean_block_portable;
-    const int64_t nblocks = (d + B - 1) / B;
-#pragma omp parallel if (nblocks > 1)
-    {
-        Scratch<double> acc(B);
-#pragma omp for schedule(dynamic, 2)  // blocks are independent: balances a busy machine
-        for (int64_t i = 0; i < nblocks; ++i) fn(J, i * B, acc.p);
-    }
+    run_mean({static_cast<const char*>(X), off.data(), wk.data(), static_cast<int64_t>(off.size()), d, dtype, out,
+              nullptr});
+}
+
+void weighted_mean_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n,
+                             int64_t d, const double* w, float* out) {
+    if (d <= 0) return;
+    std::vector<int64_t> rows;
+    std::vector<double> wk;
+    for (int64_t i = 0; i < n; ++i)
+        if (w[i] != 0.0) {
+            rows.push_back(i);
+            wk.push_back(w[i]);
+        }
+    const QuantRows q{codes, scales, bits, block};
+    run_mean({nullptr, rows.data(), wk.data(), static_cast<int64_t>(rows.size()), d, kFloat32, out, &q});
 }
 
 }  // namespace tapestry

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "quant_api.h"
+#include "quant_rows.h"
 #include "simd.h"
 
 namespace tapestry {
@@ -492,49 +493,13 @@ TAPESTRY_SELECT_TILE_FN(select_tiles_avx2, TAPESTRY_AVX2)
 TAPESTRY_SELECT_TILE_FN(select_tiles_portable, )
 
 // ---- quantised rows: decode a tile of the m rows read into float32 (row r at t + r * kTileW)
-struct QuantRows {
-    const void* const* codes;    // per client: int8 codes (bits 8) or packed nibbles, low one first (bits 4)
-    const float* const* scales;  // per client: one scale per block
-    int bits;
-    int64_t block;  // even
-};
-
 template <int BITS>
 TAPESTRY_INLINE void decode_tile(const QuantRows& q, const int64_t* rows, int m, int64_t j0, int w, float* t) {
     constexpr int W = kTileW<int32_t>;
     for (int r = 0; r < m; ++r) {
         const int64_t i = rows ? rows[r] : r;
-        const float* sc = q.scales[i];
-        float* dst = t + static_cast<size_t>(r) * W;  // dst[j - j0]: column j
-        const int64_t j1 = j0 + w;
-        if (BITS == 8) {
-            const int8_t* c = static_cast<const int8_t*>(q.codes[i]);
-            __builtin_prefetch(c + j0 + kPrefetchTiles * W, 0, 2);  // n rows: n streams, see load_keys
-            __builtin_prefetch(c + j0 + kPrefetchTiles * W + 64, 0, 2);
-            __builtin_prefetch(c + j0 + kPrefetchTiles * W + 128, 0, 2);
-            __builtin_prefetch(c + j0 + kPrefetchTiles * W + 192, 0, 2);
-            for (int64_t a = j0; a < j1;) {  // runs of one scale
-                const int64_t b = std::min(j1, (a / q.block + 1) * q.block);
-                const float s = sc[a / q.block];
-                for (int64_t j = a; j < b; ++j) dst[j - j0] = static_cast<float>(c[j]) * s;
-                a = b;
-            }
-        } else {  // j0 and block boundaries are even, so runs hold whole bytes; only a run ending at an
-                  // odd d ends in half a byte
-            const uint8_t* c = static_cast<const uint8_t*>(q.codes[i]);
-            __builtin_prefetch(c + j0 / 2 + kPrefetchTiles * W / 2, 0, 2);
-            __builtin_prefetch(c + j0 / 2 + kPrefetchTiles * W / 2 + 64, 0, 2);
-            for (int64_t a = j0; a < j1;) {
-                const int64_t b = std::min(j1, (a / q.block + 1) * q.block);
-                const float s = sc[a / q.block];
-                for (int64_t p = a / 2; p < b / 2; ++p) {
-                    dst[2 * p - j0] = static_cast<float>(static_cast<int>(c[p] & 15) - 8) * s;
-                    dst[2 * p + 1 - j0] = static_cast<float>(static_cast<int>(c[p] >> 4) - 8) * s;
-                }
-                if (b & 1) dst[b - 1 - j0] = static_cast<float>(static_cast<int>(c[b / 2] & 15) - 8) * s;
-                a = b;
-            }
-        }
+        prefetch_row(q, i, j0 + kPrefetchTiles * W, W);
+        decode_row<BITS>(q, i, j0, w, t + static_cast<size_t>(r) * W);
     }
 }
 

@@ -58,7 +58,8 @@ OPS: dict[str, str] = {
     "dequantize_int4": "(qs: [n x packed uint8], scales: [n x float32], block, outs: [n x (m,) float32], start=0) -> outs",
     #    fused decode-and-select: the op on the rows dequantize would give (bits 8: int8 codes, bits 4:
     #    packed uint8), bit for bit, without materialising them; qs/scales/d as a payload holds them
-    "trimmed_mean_quantized": "(qs, scales, bits: 8 | 4, block, d, f) -> (d,): trimmed_mean of the n dequantized rows",
+    "weighted_mean_quantized": "(qs, scales, bits: 8 | 4, block, d, w) -> (d,): weighted_mean of the n dequantized rows",
+    "trimmed_mean_quantized": "(qs, scales, bits, block, d, f) -> (d,): trimmed_mean of the n dequantized rows",
     "coord_median_quantized": "(qs, scales, bits, block, d) -> (d,): coord_median of the n dequantized rows",
     "mean_around_median_quantized": "(qs, scales, bits, block, d, rows, k) -> (d,): mean_around_median of the dequantized rows",
     # -- secure sum (see tapestry.secure)

@@ -194,20 +194,25 @@ def _dequantized(qs: list, scales: list, bits: int, block: int, d: int) -> torch
     return X
 
 
-def trimmed_mean_quantized(qs: list, scales: list, bits: int, block: int, d: int, f: int) -> torch.Tensor:
-    """:func:`trimmed_mean` of the ``(n, d)`` rows that dequantize_int8 (``bits`` 8) or
+def weighted_mean_quantized(qs: list, scales: list, bits: int, block: int, d: int, w: torch.Tensor) -> torch.Tensor:
+    """:func:`weighted_mean` of the ``(n, d)`` rows that dequantize_int8 (``bits`` 8) or
     dequantize_int4 (``bits`` 4) gives for ``qs`` and ``scales``."""
+    return weighted_mean(_dequantized(qs, scales, bits, block, d), w)
+
+
+def trimmed_mean_quantized(qs: list, scales: list, bits: int, block: int, d: int, f: int) -> torch.Tensor:
+    """:func:`trimmed_mean` of the dequantized rows (see :func:`weighted_mean_quantized`)."""
     return trimmed_mean(_dequantized(qs, scales, bits, block, d), f)
 
 
 def coord_median_quantized(qs: list, scales: list, bits: int, block: int, d: int) -> torch.Tensor:
-    """:func:`coord_median` of the dequantized rows (see :func:`trimmed_mean_quantized`)."""
+    """:func:`coord_median` of the dequantized rows (see :func:`weighted_mean_quantized`)."""
     return coord_median(_dequantized(qs, scales, bits, block, d))
 
 
 def mean_around_median_quantized(qs: list, scales: list, bits: int, block: int, d: int, rows: torch.Tensor,
                                  k: int) -> torch.Tensor:
-    """:func:`mean_around_median` of the dequantized rows (see :func:`trimmed_mean_quantized`)."""
+    """:func:`mean_around_median` of the dequantized rows (see :func:`weighted_mean_quantized`)."""
     return mean_around_median(_dequantized(qs, scales, bits, block, d), rows, k)
 
 

@@ -58,12 +58,17 @@ def weighted_mean(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return _reference("weighted_mean")(X, w)
     X, stride, code = _matrix(X, "weighted_mean")
     n, d = X.shape
-    w = torch.as_tensor(w).to(device="cpu", dtype=torch.float64).contiguous().reshape(-1)
-    if w.numel() != n:
-        raise ValueError(f"weighted_mean: {w.numel()} weights for n={n} rows")
+    w = _weights(w, n)
     out = torch.empty(d, dtype=torch.float32)
     _C().weighted_mean(X.data_ptr(), n, d, stride, code, w.data_ptr(), out.data_ptr())
     return out
+
+
+def _weights(w, n: int) -> torch.Tensor:
+    w = torch.as_tensor(w).to(device="cpu", dtype=torch.float64).contiguous().reshape(-1)
+    if w.numel() != n:
+        raise ValueError(f"weighted_mean: {w.numel()} weights for n={n} rows")
+    return w
 
 
 def trimmed_mean(X: torch.Tensor, f: int) -> torch.Tensor:
@@ -130,6 +135,14 @@ def _quantized(op: str, qs: list, scales: list, bits: int, block: int, d: int) -
         if s.device.type != "cpu" or s.dtype != torch.float32 or not s.is_contiguous() or s.numel() < nscales:
             raise ValueError(f"{op}: row {i} needs {nscales} contiguous float32 scales on the CPU, got {s.numel()} {s.dtype}")
     return [q.data_ptr() for q in qs], [s.data_ptr() for s in scales]
+
+
+def weighted_mean_quantized(qs: list, scales: list, bits: int, block: int, d: int, w) -> torch.Tensor:
+    cp, sp = _quantized("weighted_mean_quantized", qs, scales, bits, block, d)
+    w = _weights(w, len(qs))
+    out = torch.empty(d, dtype=torch.float32)
+    _C().weighted_mean_quantized(cp, sp, bits, block, d, w.data_ptr(), out.data_ptr())
+    return out
 
 
 def trimmed_mean_quantized(qs: list, scales: list, bits: int, block: int, d: int, f: int) -> torch.Tensor:

@@ -9,8 +9,9 @@ same-run baselines.
 * ``quantize_*`` / ``dequantize_*``: the kernels on preallocated outputs (the codec's own speed).
 * ``encode_<codec>`` / ``decode_<codec>``: the public calls; each returns new memory (a payload,
   a tensor), and first-touch page faults of fresh memory cost as much as the codec on some
-  machines (VMs above all): ``clone`` (``x.clone()``: a copy into fresh memory) shows that cost
-  on its own, and ``decode_<codec>_into`` decodes into a reused buffer (``decode_flat(out=)``).
+  machines (VMs above all; tapestry asks for huge pages, see ``tapestry._pages``): ``clone`` (a
+  copy into fresh memory allocated the same way) shows that cost on its own, and
+  ``decode_<codec>_into`` decodes into a reused buffer (``decode_flat(out=)``).
 * ``fused_<codec>_<rule>`` vs ``<rule>_f32`` (baseline): ``compression.aggregate`` over ``n``
   payloads against the same rule on the already-decoded ``(n, d)`` float32 updates (``--d``).
 """
@@ -21,7 +22,7 @@ import torch
 
 import tapestry as tp
 
-from .. import ops
+from .. import _pages, ops
 from ..bench import Case, Config, _backends_for, last_level_cache_bytes, with_backend
 from .codecs import decode, decode_flat, encode, seed_key
 from .fused import aggregate
@@ -36,7 +37,7 @@ def cases(cfg: Config) -> list[Case]:
     x = torch.randn(d1, generator=g)
     dst = torch.empty_like(x)
     out: list[Case] = [Case("compression", "copy", lambda: dst.copy_(x), 8 * d1, is_baseline=True),
-                       Case("compression", "clone", lambda: x.clone(), 8 * d1, baseline="copy")]
+                       Case("compression", "clone", lambda: _pages.empty(d1).copy_(x), 8 * d1, baseline="copy")]
     key = seed_key(1)
     payloads = {c: encode(x, c, seed=1) for c in ("int8", "int4", "fp16")}
     q8, s8 = torch.empty(d1, dtype=torch.int8), torch.empty(-(-d1 // 256))

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import ops
+from .. import _pages, ops
 from .wire import (CODECS, DTYPE_NAMES, DTYPES, MAX_BLOCK, MAX_D, Payload, PayloadError, Spec, allocate, build,
                    parse)
 
@@ -157,14 +157,12 @@ def encode_flat(flat: torch.Tensor, spec: Spec, codec: str, *, block: int = 256,
         payload, (values,) = allocate(codec, d, 0, 0, False, spec)
         v = values.view(torch.float16 if codec == "fp16" else torch.bfloat16)
         v.copy_(flat)  # the cast, written into the payload
-        if codec == "fp16" and d and not bool(torch.isfinite(v).all()):
+        if not _all_finite(v):  # a non-finite value, or a finite one beyond the format's range
             _raise_nonfinite(flat, codec, overflow=torch.isfinite(flat) & ~torch.isfinite(v))
-        if codec == "bf16" and d and not bool(torch.isfinite(flat).all()):
-            _raise_nonfinite(flat, codec)
         return payload
     if codec == "topk":
         kk = topk_count(d, k, ratio)
-        if d and not bool(torch.isfinite(flat).all()):
+        if not _all_finite(flat):
             _raise_nonfinite(flat, codec)
         if kk == 0:
             return build(codec, d, 0, 0, False, spec, [])
@@ -178,15 +176,24 @@ def encode_flat(flat: torch.Tensor, spec: Spec, codec: str, *, block: int = 256,
     scales = scales.view(torch.float32)  # its offset is a multiple of 8
     name = "quantize_int8" if codec == "int8" else "quantize_int4"
     ops.call(name, flat, block, key, out=(codes.view(torch.int8) if codec == "int8" else codes, scales))
-    if d and not bool(torch.isfinite(scales).all()):
+    if not _all_finite(scales):
         _raise_nonfinite(flat, codec)
     return payload
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``: one pass, no temporary (min and max propagate NaN; torch's
+    ``isfinite(t).all()`` materialises a mask and is 20x slower here)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def _raise_nonfinite(flat: torch.Tensor, codec: str, overflow: torch.Tensor | None = None) -> None:
     bad = overflow if overflow is not None and bool(overflow.any()) else ~torch.isfinite(flat)
     i = int(torch.nonzero(bad)[0])
-    what = "overflows float16" if overflow is not None and bool(overflow.any()) else "is not finite"
+    what = f"overflows {codec}" if overflow is not None and bool(overflow.any()) else "is not finite"
     raise ValueError(f"{codec}: update value {i} ({float(flat[i])}) {what}; refusing to encode it")
 
 
@@ -231,7 +238,7 @@ def decode_flat(payload: bytes | bytearray | memoryview, *, max_values: int | No
     one buffer instead of faulting in fresh pages each time)."""
     p = parse(payload, max_values=max_values)
     if out is None:
-        out = torch.empty(p.d, dtype=torch.float32)
+        out = _pages.empty(p.d)
     elif not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.device.type == "cpu"
               and out.is_contiguous() and out.numel() == p.d):
         what = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__

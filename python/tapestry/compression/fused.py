@@ -3,11 +3,12 @@
 :class:`Compressed` is a :class:`~tapestry.aggregators.columns.Columns` source over the parsed
 payloads, so every rule (mean, trimmed mean, median, Krum, Bulyan, ...) aggregates them unchanged:
 
-* trimmed mean, median and Bulyan's coordinate stage over int8/int4 payloads (one codec and block
-  size for all) run the ``*_quantized`` kernels: a tile of 256 columns of every payload is decoded
-  into L1 inside the selection, one parallel pass over the codes, no decoded block in memory;
-* everything else (mean, Krum's Gram matrix, fp16/bf16/topk or mixed payloads) reads blocks of
-  columns decoded into one reused float32 buffer of ``n * cols * 4`` bytes (16 MiB by default).
+* mean (and every rule's weighted means), trimmed mean, median and Bulyan's coordinate stage over
+  int8/int4 payloads (one codec and block size for all) run the ``*_quantized`` kernels: a tile
+  of every payload is decoded into L1 inside the op, one parallel pass over the codes, no decoded
+  block in memory;
+* everything else (Krum's Gram matrix, distances, fp16/bf16/topk or mixed payloads) reads blocks
+  of columns decoded into one reused float32 buffer of ``n * cols * 4`` bytes (16 MiB default).
 
 Peak extra memory is therefore the ``(d,)`` result plus at most that buffer, never ``n`` dense
 float32 updates. Results equal aggregating the decoded updates bit for bit.
@@ -22,14 +23,14 @@ from typing import Any, Iterator
 
 import torch
 
-from .. import ops
+from .. import _pages, ops
 from ..aggregators import RULES, Rule, make_rule
 from ..aggregators.columns import Columns
 from .codecs import decode_rows, unflatten
 from .wire import Payload, PayloadError, parse
 
 _local = threading.local()  # the decode buffer of this thread's Compressed sources
-FUSED_OPS = ("trimmed_mean", "coord_median", "mean_around_median")
+FUSED_OPS = ("weighted_mean", "trimmed_mean", "coord_median", "mean_around_median")
 DEFAULT_BLOCK_BYTES = 16 << 20  # n=32: 131072 columns a block; few blocks, few OpenMP wake-ups (slow on VMs)
 
 
@@ -65,7 +66,7 @@ class Compressed(Columns):
     def _buffer(self, width: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         buf = getattr(_local, "buf", None)
         if buf is None or buf.numel() < self.n * width:
-            buf = _local.buf = torch.empty(self.n * width, dtype=torch.float32)
+            buf = _local.buf = _pages.empty(self.n * width)
         key = (width, buf.data_ptr())
         if key not in self._rows:  # row views, reused while the width repeats (every full block)
             out = buf[: self.n * width].view(self.n, width)
@@ -80,9 +81,9 @@ class Compressed(Columns):
         return out[:, start - a :]
 
     def fused(self, op: str):
-        """trimmed_mean, coord_median and mean_around_median of int8/int4 payloads (one codec and
-        block for all): a kernel that decodes tile by tile inside the selection, where a backend
-        other than the reference (which would materialise every row) has one."""
+        """The per-coordinate ops of FUSED_OPS on int8/int4 payloads (one codec and block for all):
+        a kernel that decodes a tile at a time inside the op, where a backend other than the
+        reference (which would materialise every row) has one."""
         kinds = {(p.codec, p.block) for p in self.payloads}
         if op not in FUSED_OPS or len(kinds) != 1:
             return None

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import _pages
+
 MAGIC = b"TPZC"
 VERSION = 1
 HEADER = struct.Struct("<4sHBBQIIQII")
@@ -124,7 +126,7 @@ def allocate(codec: str, d: int, block: int, k: int, stochastic: bool, spec: Spe
     crc = zlib.crc32(spec_bytes, zlib.crc32(head[:32]))
     head = head[:32] + struct.pack("<II", crc, 0) + spec_bytes + bytes(_pad8(len(spec_bytes)))
     sizes = data_sizes(codec, d, block, k)
-    payload = bytes(len(head) + sum(sizes))  # zeroed (for large sizes: fresh pages, not written twice)
+    payload = _pages.empty_bytes(len(head) + sum(sizes))
     with warnings.catch_warnings():  # a writable view of the new bytes object (see above)
         warnings.simplefilter("ignore")
         view = torch.frombuffer(payload, dtype=torch.uint8)
