@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from ..updates import all_finite
 from .base import AggregationInfo, Rule, apply, check_f, indices, nonfinite_rows, require
 
 
@@ -37,9 +38,9 @@ class Mean(Rule):
         w = normalised_weights(weights, src.n)
         agg, backend = apply("weighted_mean", src, w)
         info = AggregationInfo(self.name, src.n, backend=backend)
-        # a float64 sum of float32 values cannot overflow: it is non-finite iff some value is
-        total = src.reduce(agg.sum(dtype=torch.float64).reshape(1))
-        if want_info or not bool(torch.isfinite(total).all()):
+        bad_shards = src.reduce(torch.tensor([0.0 if all_finite(agg) else 1.0], dtype=torch.float64,
+                                             device=agg.device))
+        if want_info or float(bad_shards[0]) > 0:
             info.nonfinite = indices(nonfinite_rows(src) & (w != 0))
         return agg, info
 
