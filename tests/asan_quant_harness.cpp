@@ -63,6 +63,8 @@ int main() {
         const double w[6] = {0.5, 0.0, 0.25, 0.25, 0.0, 0.0};
         for (int64_t n : {3, 6}) {
             tapestry::weighted_mean_quantized(codes, scales6, bits, int64_t(block), n, int64_t(m), w, out);
+            double G[36];
+            tapestry::gram_quantized(codes, scales6, bits, int64_t(block), n, int64_t(m), G);
             tapestry::trimmed_mean_quantized(codes, scales6, bits, int64_t(block), n, int64_t(m), 1, out);
             tapestry::coord_median_quantized(codes, scales6, bits, int64_t(block), n, int64_t(m), out);
             tapestry::mean_around_median_quantized(codes, scales6, bits, int64_t(block), n, int64_t(m), rows, n / 2, 1,

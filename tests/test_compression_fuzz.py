@@ -246,7 +246,7 @@ def test_cpp_kernels_under_address_sanitizer(tmp_path):
     cmd = ["g++", "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
            "-DTAPESTRY_REG_MAX=4",  # 4 unrolled networks instead of 32: the sanitized build stays short
            "-fno-omit-frame-pointer", "-fopenmp", f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "asan_quant_harness.cpp"),
-           str(ROOT / "csrc" / "cpu" / "quant.cpp"), str(ROOT / "csrc" / "cpu" / "select.cpp"), str(ROOT / "csrc" / "cpu" / "mean.cpp"), "-o", str(exe)]
+           str(ROOT / "csrc" / "cpu" / "quant.cpp"), str(ROOT / "csrc" / "cpu" / "select.cpp"), str(ROOT / "csrc" / "cpu" / "mean.cpp"), str(ROOT / "csrc" / "cpu" / "gram.cpp"), "-o", str(exe)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     records, n = _records_from_fuzzed_payloads(2000)
     assert n > 500, "too few fuzzed payloads survived validation to exercise the kernels"

@@ -79,6 +79,13 @@ void bind_robust(py::module_& m) {
                                       ptr<float>(out));
           },
           "weighted_mean of n int8/int4 rows ([codes_ptr]*n, [scales_ptr]*n, bits, block, d, w_ptr, out_ptr)");
+    m.def("gram_quantized",
+          [](Ptrs codes, Ptrs scales, int bits, int64_t block, int64_t d, uintptr_t G) {
+              QuantArgs q(codes, scales);
+              py::gil_scoped_release nogil;
+              gram_quantized(q.codes.data(), q.scales.data(), bits, block, q.n(), d, ptr<double>(G));
+          },
+          "gram of n int8/int4 rows ([codes_ptr]*n, [scales_ptr]*n, bits, block, d, G_ptr)");
     m.def("trimmed_mean_quantized",
           [](Ptrs codes, Ptrs scales, int bits, int64_t block, int64_t d, int64_t f, uintptr_t out) {
               QuantArgs q(codes, scales);

@@ -15,7 +15,8 @@
 // Inside a chunk, tiles of TW columns are converted and shifted into an L2-resident float32 tile;
 // each pair of row blocks (RI x RJ rows, register-blocked, upper triangle only) runs float32 FMAs
 // over runs of 32 vectors per lane, and every run is added into float64 lane accumulators; the lanes
-// are added in a fixed order once per tile.
+// are added in a fixed order once per tile. Quantised rows (quant_rows.h) are decoded straight into
+// the tile, so the Gram matrix of n int8/int4 payloads equals that of their decoded rows, bit for bit.
 // float32 multiply-adds fuse where the ISA has FMA (fewer roundings; gram needs no cross-ISA
 // bit-equality, only determinism per machine and thread count). Set for the whole file so that
 // every inlined helper shares it.
@@ -24,8 +25,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#include "quant_api.h"
+#include "quant_rows.h"
 #include "simd.h"
 
 namespace tapestry {
@@ -63,6 +67,14 @@ struct GramJob {
     const char* base;
     int64_t n, np, d, row_bytes, TW;
     int dtype;
+    const QuantRows* q;  // quantised rows instead of base (then dtype is float32), or null
+
+    // where row i's value at column j lives, and the bytes of w values (for prefetches)
+    const char* at(int64_t i, int64_t j, int64_t es) const {
+        if (!q) return base + i * row_bytes + j * es;
+        return static_cast<const char*>(q->codes[i]) + (q->bits == 8 ? j : j / 2);
+    }
+    int64_t bytes(int64_t w, int64_t es) const { return !q ? w * es : q->bits == 8 ? w : (w + 1) / 2; }
 };
 
 struct GramScratch {
@@ -91,8 +103,16 @@ TAPESTRY_INLINE void gram_chunk(const GramJob& J, int64_t c0, int64_t c1, const 
             found[l] = 0;
         }
         for (int64_t i = 0; i < n; ++i) {
-            const R* src = reinterpret_cast<const R*>(J.base + i * J.row_bytes) + s0;
             float* row = tile + i * TW;
+            if constexpr (std::is_same<T, F32>::value) {
+                if (J.q) {  // decoded in place, then read back like float32 input
+                    if (J.q->bits == 8)
+                        decode_row<8>(*J.q, i, s0, tw, row);
+                    else
+                        decode_row<4>(*J.q, i, s0, tw, row);
+                }
+            }
+            const R* src = J.q ? reinterpret_cast<const R*>(row) : reinterpret_cast<const R*>(J.base + i * J.row_bytes) + s0;
             for (int64_t l = 0; l < tw; ++l) {
                 float v = T::to_float(src[l]);
                 uint32_t fin = (bits_from_f32(v) & 0x7f800000u) != 0x7f800000u;
@@ -125,7 +145,7 @@ TAPESTRY_INLINE void gram_chunk(const GramJob& J, int64_t c0, int64_t c1, const 
         // While this tile is multiplied, pull the next one's rows into L2, a few lines per block
         // pair, so that the next conversion pass does not wait on memory.
         const int64_t s1 = s0 + TW;
-        const int64_t next_bytes = s1 < c1 ? std::min(TW, c1 - s1) * static_cast<int64_t>(sizeof(R)) : 0;
+        const int64_t next_bytes = s1 < c1 ? J.bytes(std::min(TW, c1 - s1), sizeof(R)) : 0;
         const int64_t lines_per_row = (next_bytes + 63) / 64;
         int64_t npairs = 0;
         for (int64_t I = 0; I < np; I += RI) npairs += (np - I) / RJ;
@@ -135,7 +155,7 @@ TAPESTRY_INLINE void gram_chunk(const GramJob& J, int64_t c0, int64_t c1, const 
         for (int64_t I = 0; I < np; I += RI) {
             for (int64_t Jb = I; Jb < np; Jb += RJ) {
                 for (int64_t q = 0; q < per_pair && pf_row < n; ++q) {
-                    __builtin_prefetch(J.base + pf_row * J.row_bytes + s1 * sizeof(R) + pf_line * 64, 0, 2);
+                    __builtin_prefetch(J.at(pf_row, s1, sizeof(R)) + pf_line * 64, 0, 2);
                     if (++pf_line == lines_per_row) {
                         pf_line = 0;
                         ++pf_row;
@@ -185,12 +205,10 @@ TAPESTRY_GRAM_CHUNK_FN(gram_chunk_avx512, TAPESTRY_AVX512, 16, 4)
 TAPESTRY_GRAM_CHUNK_FN(gram_chunk_avx2, TAPESTRY_AVX2, 8, 2)
 TAPESTRY_GRAM_CHUNK_FN(gram_chunk_portable, , 4, 2)
 
-}  // namespace
-
-void gram(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, double* G) {
+void run_gram(GramJob J, double* G) {
+    const int64_t n = J.n, d = J.d;
     std::fill(G, G + n * n, 0.0);
     if (d <= 0 || n <= 0) return;
-    const int64_t es = dtype == kFloat32 ? 4 : 2;
     const int64_t np = (n + RI - 1) / RI * RI;
     const int64_t step = RUN_VECTORS * 16;  // a multiple of every ISA's run
     const int64_t TW = std::clamp<int64_t>((65536 / np) / step * step, step, 4 * step);  // tile <= 256 KiB (+ the next in L2)
@@ -200,7 +218,8 @@ void gram(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, double
     if ((d + CH - 1) / CH > max_parts) CH = ((d + max_parts - 1) / max_parts + TW - 1) / TW * TW;
     const int64_t P = (d + CH - 1) / CH;
     std::vector<double> parts(static_cast<size_t>(P * np * np), 0.0);
-    GramJob J{static_cast<const char*>(X), n, np, d, stride * es, TW, dtype};
+    J.np = np;
+    J.TW = TW;
     const Isa isa = active();
     const ChunkFn fn = isa == kAvx512 ? gram_chunk_avx512 : isa == kAvx2 ? gram_chunk_avx2 : gram_chunk_portable;
 #pragma omp parallel if (P > 1)
@@ -219,6 +238,19 @@ void gram(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, double
             G[a * n + b] = s;
             G[b * n + a] = s;
         }
+}
+
+}  // namespace
+
+void gram(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, double* G) {
+    const int64_t es = dtype == kFloat32 ? 4 : 2;
+    run_gram({static_cast<const char*>(X), n, 0, d, stride * es, 0, dtype, nullptr}, G);
+}
+
+void gram_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n, int64_t d,
+                    double* G) {
+    const QuantRows q{codes, scales, bits, block};
+    run_gram({nullptr, n, 0, d, 0, 0, kFloat32, &q}, G);
 }
 
 }  // namespace tapestry

@@ -17,6 +17,8 @@ void dequantize_int4(const uint8_t* const* packed, const float* const* scales, i
 // n rows of d values: codes[i] (int8 for bits 8, packed nibbles for bits 4) and scales[i]
 void weighted_mean_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n,
                              int64_t d, const double* w, float* out);  // mean.cpp
+void gram_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n, int64_t d,
+                    double* G);  // gram.cpp
 void trimmed_mean_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n,
                             int64_t d, int64_t f, float* out);
 void coord_median_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n,

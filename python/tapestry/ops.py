@@ -59,6 +59,7 @@ OPS: dict[str, str] = {
     #    fused decode-and-select: the op on the rows dequantize would give (bits 8: int8 codes, bits 4:
     #    packed uint8), bit for bit, without materialising them; qs/scales/d as a payload holds them
     "weighted_mean_quantized": "(qs, scales, bits: 8 | 4, block, d, w) -> (d,): weighted_mean of the n dequantized rows",
+    "gram_quantized": "(qs, scales, bits, block, d) -> (n, n) float64: gram of the n dequantized rows",
     "trimmed_mean_quantized": "(qs, scales, bits, block, d, f) -> (d,): trimmed_mean of the n dequantized rows",
     "coord_median_quantized": "(qs, scales, bits, block, d) -> (d,): coord_median of the n dequantized rows",
     "mean_around_median_quantized": "(qs, scales, bits, block, d, rows, k) -> (d,): mean_around_median of the dequantized rows",

@@ -200,6 +200,11 @@ def weighted_mean_quantized(qs: list, scales: list, bits: int, block: int, d: in
     return weighted_mean(_dequantized(qs, scales, bits, block, d), w)
 
 
+def gram_quantized(qs: list, scales: list, bits: int, block: int, d: int) -> torch.Tensor:
+    """:func:`gram` of the dequantized rows (see :func:`weighted_mean_quantized`)."""
+    return gram(_dequantized(qs, scales, bits, block, d))
+
+
 def trimmed_mean_quantized(qs: list, scales: list, bits: int, block: int, d: int, f: int) -> torch.Tensor:
     """:func:`trimmed_mean` of the dequantized rows (see :func:`weighted_mean_quantized`)."""
     return trimmed_mean(_dequantized(qs, scales, bits, block, d), f)

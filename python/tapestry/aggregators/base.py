@@ -82,6 +82,10 @@ def sq_norm(src: Columns, v: torch.Tensor) -> float:
 
 def gram(src: Columns) -> tuple[torch.Tensor, str]:
     """float64 ``(n, n)`` Gram matrix over every block and shard (see the ``gram`` op)."""
+    fused = src.fused("gram")
+    if fused is not None:
+        G, name = fused()
+        return src.reduce(G).cpu(), name
     name, fn = ops.resolve("gram", src.device)
     G = None
     for a, b in src.blocks():

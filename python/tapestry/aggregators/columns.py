@@ -40,8 +40,8 @@ class Columns:
         return partial
 
     def fused(self, op: str):
-        """A kernel that runs per-coordinate ``op`` over the whole source at once, as
-        ``fn(*args) -> ((d,) float32 result, backend name)``, or None: read it block by block."""
+        """A kernel that runs ``op`` (a per-coordinate op, or ``gram``) over the whole source at
+        once, as ``fn(*args) -> (the op's result, backend name)``, or None: read it block by block."""
         return None
 
 

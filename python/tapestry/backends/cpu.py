@@ -145,6 +145,13 @@ def weighted_mean_quantized(qs: list, scales: list, bits: int, block: int, d: in
     return out
 
 
+def gram_quantized(qs: list, scales: list, bits: int, block: int, d: int) -> torch.Tensor:
+    cp, sp = _quantized("gram_quantized", qs, scales, bits, block, d)
+    G = torch.empty(len(qs), len(qs), dtype=torch.float64)
+    _C().gram_quantized(cp, sp, bits, block, d, G.data_ptr())
+    return G
+
+
 def trimmed_mean_quantized(qs: list, scales: list, bits: int, block: int, d: int, f: int) -> torch.Tensor:
     cp, sp = _quantized("trimmed_mean_quantized", qs, scales, bits, block, d)
     if not 0 <= 2 * f < len(qs):

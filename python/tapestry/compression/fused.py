@@ -3,12 +3,12 @@
 :class:`Compressed` is a :class:`~tapestry.aggregators.columns.Columns` source over the parsed
 payloads, so every rule (mean, trimmed mean, median, Krum, Bulyan, ...) aggregates them unchanged:
 
-* mean (and every rule's weighted means), trimmed mean, median and Bulyan's coordinate stage over
-  int8/int4 payloads (one codec and block size for all) run the ``*_quantized`` kernels: a tile
-  of every payload is decoded into L1 inside the op, one parallel pass over the codes, no decoded
-  block in memory;
-* everything else (Krum's Gram matrix, distances, fp16/bf16/topk or mixed payloads) reads blocks
-  of columns decoded into one reused float32 buffer of ``n * cols * 4`` bytes (16 MiB default).
+* over int8/int4 payloads (one codec and block size for all), the ops behind the rules (weighted
+  means, trimmed mean, median, Bulyan's coordinate stage, the Gram matrix behind Krum, Multi-Krum,
+  Bulyan and NNM) run the ``*_quantized`` kernels: a tile of every payload is decoded into cache
+  inside the op, one parallel pass over the codes, no decoded block in memory;
+* everything else (distances to a point, fp16/bf16/topk or mixed payloads) reads blocks of
+  columns decoded into one reused float32 buffer of ``n * cols * 4`` bytes (16 MiB default).
 
 Peak extra memory is therefore the ``(d,)`` result plus at most that buffer, never ``n`` dense
 float32 updates. Results equal aggregating the decoded updates bit for bit.
@@ -30,7 +30,7 @@ from .codecs import decode_rows, unflatten
 from .wire import Payload, PayloadError, parse
 
 _local = threading.local()  # the decode buffer of this thread's Compressed sources
-FUSED_OPS = ("weighted_mean", "trimmed_mean", "coord_median", "mean_around_median")
+FUSED_OPS = ("weighted_mean", "trimmed_mean", "coord_median", "mean_around_median", "gram")
 DEFAULT_BLOCK_BYTES = 16 << 20  # n=32: 131072 columns a block; few blocks, few OpenMP wake-ups (slow on VMs)
 
 
