@@ -10,7 +10,9 @@ case timed before it; the bfloat16 trimmed mean is compared with its own float32
 is the median over ``repeat`` rounds of the two timed back to back (:func:`paired_ratio`), so a
 load that comes and goes on a shared machine slows both sides of each round alike. ``bw%``
 is the row's GB/s as a share of the copy's (which moves each byte twice: read and write, into a
-preallocated buffer, so no page faults are timed). ``extra`` is the peak resident memory a call
+preallocated buffer, so no page faults are timed); for rows paired with the copy it comes from
+the paired ratio (bytes / (copy bytes x ratio)), since the machine's bandwidth drifts by 2x over
+minutes on a shared VM. ``extra`` is the peak resident memory a call
 adds beyond what it returns (see :func:`measure_extra`), also as a share of the input's bytes.
 """
 
@@ -94,7 +96,7 @@ class Row:
     extra_mib: float | None = None
     notes: dict = field(default_factory=dict)
     extra_pct: float | None = None  # extra_mib as a percentage of the case's bytes read
-    bw_pct: float | None = None  # GB/s as a percentage of the copy's GB/s
+    bw_pct: float | None = None  # GB/s as a percentage of the copy's GB/s (see the module docstring)
 
 
 def _peak_rss_reset() -> bool:
@@ -324,19 +326,21 @@ def run_bench(cfg: Config, families: list[str]) -> list[Row]:
             continue
         fam_cases = module.cases(cfg)
         done: list[Case] = []
-        copy_gbps = None
+        copy_gbps = copy_bytes = None
         for case in fam_cases:
             ms, extra = time_case(case.run, cfg.device, cfg.repeat)
             gbps = case.bytes_read / ms / 1e6
             if case.name == "copy":
-                copy_gbps = gbps
+                copy_gbps, copy_bytes = gbps, case.bytes_read
             base = find_baseline(case, done)  # only cases timed before this one
             ratio = paired_ratio(case.run, base.run, cfg.repeat, cfg.device) if base is not None else None
             done.append(case)
             row = Row(case.family, case.name, case.backend, case.dtype, ms, gbps, case.baseline, ratio, extra)
             if extra is not None and case.bytes_read:
                 row.extra_pct = 100 * extra * 2**20 / case.bytes_read
-            if copy_gbps:
+            if base is not None and base.name == "copy" and ratio:  # paired: robust to the machine's drift
+                row.bw_pct = 100 * case.bytes_read / (copy_bytes * ratio)
+            elif copy_gbps:
                 row.bw_pct = 100 * gbps / copy_gbps
             rows.append(row)
             print(_format(rows[-1]), flush=True)
