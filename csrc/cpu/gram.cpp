@@ -104,21 +104,29 @@ TAPESTRY_INLINE void gram_chunk(const GramJob& J, int64_t c0, int64_t c1, const 
         }
         for (int64_t i = 0; i < n; ++i) {
             float* row = tile + i * TW;
+            auto fill = [&](auto value) {  // row[l] = value(l), and the first finite value per column
+                for (int64_t l = 0; l < tw; ++l) {
+                    float v = value(l);
+                    uint32_t fin = (bits_from_f32(v) & 0x7f800000u) != 0x7f800000u;
+                    row[l] = v;
+                    shift[l] = (fin & ~found[l]) ? v : shift[l];
+                    found[l] |= fin;
+                }
+            };
+            bool decoded = false;
             if constexpr (std::is_same<T, F32>::value) {
-                if (J.q) {  // decoded in place, then read back like float32 input
+                if (J.q) {  // decoded into the row, then read back as floats
                     if (J.q->bits == 8)
                         decode_row<8>(*J.q, i, s0, tw, row);
                     else
                         decode_row<4>(*J.q, i, s0, tw, row);
+                    fill([&](int64_t l) { return row[l]; });
+                    decoded = true;
                 }
             }
-            const R* src = J.q ? reinterpret_cast<const R*>(row) : reinterpret_cast<const R*>(J.base + i * J.row_bytes) + s0;
-            for (int64_t l = 0; l < tw; ++l) {
-                float v = T::to_float(src[l]);
-                uint32_t fin = (bits_from_f32(v) & 0x7f800000u) != 0x7f800000u;
-                row[l] = v;
-                shift[l] = (fin & ~found[l]) ? v : shift[l];
-                found[l] |= fin;
+            if (!decoded) {
+                const R* src = reinterpret_cast<const R*>(J.base + i * J.row_bytes) + s0;
+                fill([&](int64_t l) { return T::to_float(src[l]); });
             }
             for (int64_t l = tw; l < TW; ++l) row[l] = 0.0f;
         }

@@ -559,7 +559,8 @@ void run_select(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, 
                 fn(J, i * W, t.p, acc.p, med.p, s.p);
                 continue;
             }
-            // the decoded tile is a float32 matrix of m rows and w columns at qt
+            // the decoded tile is a float32 matrix of m rows and w columns at qt (written as float,
+            // read as key bits by fn: both are opaque calls through pointers, nothing is reordered)
             const int w = static_cast<int>(std::min<int64_t>(W, d - i * W));
             decode(*q, rows, static_cast<int>(m), i * W, w, qt.p);
             SelectJob Jt = J;
