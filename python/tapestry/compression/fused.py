@@ -11,7 +11,9 @@ payloads, so every rule (mean, trimmed mean, median, Krum, Bulyan, ...) aggregat
   columns decoded into one reused float32 buffer of ``n * cols * 4`` bytes (16 MiB default).
 
 Peak extra memory is therefore the ``(d,)`` result plus at most that buffer, never ``n`` dense
-float32 updates. Results equal aggregating the decoded updates bit for bit.
+float32 updates. Per-coordinate results and Krum-family selections equal aggregating the decoded
+updates bit for bit; the iterative rules and NNM agree with it to float64 rounding (some of their
+sums are taken block by block).
 """
 
 from __future__ import annotations
