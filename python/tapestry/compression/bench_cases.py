@@ -70,6 +70,7 @@ def cases(cfg: Config) -> list[Case]:
     X = torch.randn(n, d, generator=g)
     payloads8 = [encode(X[i], "int8", seed=i) for i in range(n)]
     payloads4 = [encode(X[i], "int4", seed=i) for i in range(n)]
+    payloads16 = [encode(X[i], "fp16") for i in range(n)]
     dense = torch.stack([decode(p) for p in payloads8])
     nbytes = 4 * n * d
     for b in _backends_for("cpu"):
@@ -80,6 +81,8 @@ def cases(cfg: Config) -> list[Case]:
                  n * d, b, "int8", baseline="trimmed_mean_f32"),
             Case("compression", "fused_int4_trimmed_mean", with_backend(b, lambda: aggregate(payloads4, tp.TrimmedMean(f=f))),
                  n * d // 2, b, "int4", baseline="trimmed_mean_f32"),
+            Case("compression", "fused_fp16_trimmed_mean", with_backend(b, lambda: aggregate(payloads16, tp.TrimmedMean(f=f))),
+                 2 * n * d, b, "float16", baseline="trimmed_mean_f32"),
             Case("compression", "mean_f32", with_backend(b, lambda: tp.mean(dense)), nbytes, b, is_baseline=True),
             Case("compression", "fused_int8_mean", with_backend(b, lambda: aggregate(payloads8, tp.Mean())), n * d, b, "int8",
                  baseline="mean_f32"),
