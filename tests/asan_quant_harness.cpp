@@ -56,20 +56,24 @@ int main() {
         for (uint64_t j = 0; j < m; ++j) sink = sink + out[j];
         // the fused decode-and-select ops over the same exact-size buffers: 3 rows (register path)
         // and 6 rows (tile path: the harness is built with TAPESTRY_REG_MAX=4)
-        const int bits = op == 1 ? 8 : 4;
+        // (codec 0/1: int8/int4 as recorded; codec 2/3: the same bytes read as qlen / 2 float16 /
+        // bfloat16 values, whatever bit patterns they hold)
         const void* codes[6] = {q, q, q, q, q, q};
         const float* scales6[6] = {s, s, s, s, s, s};
         const int64_t rows[3] = {2, 0, 5};
         const double w[6] = {0.5, 0.0, 0.25, 0.25, 0.0, 0.0};
-        for (int64_t n : {3, 6}) {
-            tapestry::weighted_mean_quantized(codes, scales6, bits, int64_t(block), n, int64_t(m), w, out);
-            double G[36];
-            tapestry::gram_quantized(codes, scales6, bits, int64_t(block), n, int64_t(m), G);
-            tapestry::trimmed_mean_quantized(codes, scales6, bits, int64_t(block), n, int64_t(m), 1, out);
-            tapestry::coord_median_quantized(codes, scales6, bits, int64_t(block), n, int64_t(m), out);
-            tapestry::mean_around_median_quantized(codes, scales6, bits, int64_t(block), n, int64_t(m), rows, n / 2, 1,
-                                                   out);
-            for (uint64_t j = 0; j < m; ++j) sink = sink + out[j];
+        for (int codec : {op == 1 ? 0 : 1, 2, 3}) {
+            const int64_t mv = codec >= 2 ? int64_t(qlen / 2) : int64_t(m);
+            for (int64_t n : {3, 6}) {
+                tapestry::weighted_mean_quantized(codes, scales6, codec, int64_t(block), n, mv, w, out);
+                double G[36];
+                tapestry::gram_quantized(codes, scales6, codec, int64_t(block), n, mv, G);
+                tapestry::trimmed_mean_quantized(codes, scales6, codec, int64_t(block), n, mv, 1, out);
+                tapestry::coord_median_quantized(codes, scales6, codec, int64_t(block), n, mv, out);
+                tapestry::mean_around_median_quantized(codes, scales6, codec, int64_t(block), n, mv, rows, n / 2, 1,
+                                                       out);
+                for (int64_t j = 0; j < mv; ++j) sink = sink + out[j];
+            }
         }
         delete[] out;
         delete[] s;

@@ -104,34 +104,39 @@ def test_dequantize_matches_reference_on_row_ranges(backend, codec):
 
 
 def _quantized_rows(n: int, d: int, codec: str, block: int, seed: int = 0):
-    """Codes and scales of n rows with awkward content: per-row scales spanning 2^40, exact ties
-    across rows, a huge common component, hostile codes (int8 -128) and scales near float32's max
-    (whose products overflow to +-Inf, as decode gives them)."""
+    """Payload rows (values, scales) of n clients with awkward content: per-row scales spanning
+    2^40, exact ties across rows, a huge common component; hostile values: int8 code -128, scales
+    near float32's max (whose products overflow to +-Inf, as decode gives them), and NaN/Inf in
+    16-bit rows."""
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d, generator=g) * torch.logspace(-20, 20, n, base=2.0)[torch.randperm(n, generator=g)][:, None]
     X[: n // 2, : d // 3] = X[0, : d // 3].clone()  # ties
     X[:, d // 2 :] += 1e3
     qs, ss = [], []
     for i in range(n):
-        q, s = getattr(R, "quantize_" + codec)(X[i], block, seed_key(i) if i % 2 else None)
-        if i == n - 1 and d > 4:
-            if codec == "int8":
-                q[:3] = -128
-            s[0] = 3.0e38
+        if codec in ("fp16", "bf16"):
+            q, s = X[i].to(torch.float16 if codec == "fp16" else torch.bfloat16), None
+            if i == n - 1 and d > 4:
+                q[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        else:
+            q, s = getattr(R, "quantize_" + codec)(X[i], block, seed_key(i) if i % 2 else None)
+            if i == n - 1 and d > 4:
+                if codec == "int8":
+                    q[:3] = -128
+                s[0] = 3.0e38
         qs.append(q), ss.append(s)
     return qs, ss
 
 
-@pytest.mark.parametrize("codec", ["int8", "int4"])
+@pytest.mark.parametrize("codec", ["int8", "int4", "fp16", "bf16"])
 @pytest.mark.parametrize("isa", [2, 1, 0], ids=["avx512", "avx2", "portable"])
 def test_fused_select_kernels_match_the_reference_bit_for_bit(codec, isa):
-    """The cpu backend's *_quantized ops (decode a tile inside the selection) equal the reference
-    (dequantize every row, then select) bit for bit: register path (n <= 32) and tile path
-    (n > 32), tile-straddling and odd d, blocks that straddle tiles and groups of lanes."""
+    """The cpu backend's *_quantized ops (decode a tile inside the op) equal the reference (decode
+    every row, then the op) bit for bit: register path (n <= 32) and tile path (n > 32),
+    tile-straddling and odd d, blocks that straddle tiles and groups of lanes."""
     from tapestry import _native
 
     C = _native.require("_C")
-    bits = 8 if codec == "int8" else 4
     C.set_isa(isa)
     try:
         for n, d, block in [(1, 1, 2), (2, 7, 2), (5, 257, 6), (9, 1000, 4096), (32, 2053, 256), (33, 777, 100),
@@ -145,15 +150,17 @@ def test_fused_select_kernels_match_the_reference_bit_for_bit(codec, isa):
                      ("trimmed_mean_quantized", ((n - 1) // 2,)), ("trimmed_mean_quantized", (0,)),
                      ("coord_median_quantized", ()), ("mean_around_median_quantized", (rows, k))]
             for op, args in cases:
-                want = getattr(R, op)(qs, ss, bits, block, d, *args)
+                want = getattr(R, op)(qs, ss, codec, block, d, *args)
                 with ops.backend("cpu"):
-                    got = ops.call(op, qs, ss, bits, block, d, *args, device="cpu")
-                assert torch.equal(got, want), f"{op} n={n} d={d} block={block}: {_first_mismatch(got, want)}"
+                    got = ops.call(op, qs, ss, codec, block, d, *args, device="cpu")
+                nan = torch.isnan(want)  # NaN from a NaN-sending client: same places, any NaN bits
+                assert torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], want[~nan]), \
+                    f"{op} n={n} d={d} block={block}: {_first_mismatch(got, want)}"
             # the Gram kernel is not bit-equal to the float64 reference (float32 products, see
             # gram.cpp), but decoding inside it must not change one bit of what it computes
             with ops.backend("cpu"):
-                G = ops.call("gram_quantized", qs, ss, bits, block, d, device="cpu")
-                G_dense = ops.call("gram", R._dequantized(qs, ss, bits, block, d))
+                G = ops.call("gram_quantized", qs, ss, codec, block, d, device="cpu")
+                G_dense = ops.call("gram", R._dequantized(qs, ss, codec, block, d))
             torch.testing.assert_close(G, G_dense, rtol=0, atol=0, equal_nan=True)
     finally:
         C.set_isa(-1)
@@ -163,16 +170,18 @@ def test_fused_select_kernels_check_their_inputs():
     qs, ss = _quantized_rows(3, 100, "int8", 10)
     call = lambda *a: ops.call("trimmed_mean_quantized", *a, device="cpu")
     with ops.backend("cpu"):
-        with pytest.raises(ValueError, match="row 2 needs 100 contiguous 1-byte codes"):
-            call(qs[:2] + [qs[2][:99]], ss, 8, 10, 100, 1)
+        with pytest.raises(ValueError, match="row 2 needs 100 contiguous 1-byte int8 values"):
+            call(qs[:2] + [qs[2][:99]], ss, "int8", 10, 100, 1)
         with pytest.raises(ValueError, match="row 1 needs 10 contiguous float32 scales"):
-            call(qs, [ss[0], ss[1][:9], ss[2]], 8, 10, 100, 1)
-        with pytest.raises(ValueError, match="bits must be 8 or 4"):
-            call(qs, ss, 2, 10, 100, 1)
+            call(qs, [ss[0], ss[1][:9], ss[2]], "int8", 10, 100, 1)
+        with pytest.raises(ValueError, match="codec must be one of"):
+            call(qs, ss, "int3", 10, 100, 1)
         with pytest.raises(ValueError, match="block must be even"):
-            call(qs, ss, 8, 7, 100, 1)
+            call(qs, ss, "int8", 7, 100, 1)
         with pytest.raises(ValueError, match="0 <= 2f < n"):
-            call(qs, ss, 8, 10, 100, 2)
+            call(qs, ss, "int8", 10, 100, 2)
+        with pytest.raises(ValueError, match="row 0 needs 100 contiguous 2-byte fp16 values"):
+            call(qs, None, "fp16", 0, 100, 1)  # 1-byte rows are not float16 rows
 
 
 @pytest.mark.gpu
@@ -470,9 +479,9 @@ def test_fused_aggregate_equals_aggregating_decoded_updates(rule):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("codec", ["int8", "int4"])
+@pytest.mark.parametrize("codec", ["int8", "int4", "fp16", "bf16"])
 def test_fused_aggregate_of_one_codec_decodes_inside_the_selection(codec):
-    """All payloads int8 (or all int4): mean, trimmed mean, median, Bulyan, the geometric median's
+    """All payloads of one codec (int8, int4, fp16 or bf16): mean, trimmed mean, median, Bulyan, the geometric median's
     weighted means and (Multi-)Krum's Gram matrix run the fused cpu kernels (no decoded block) and
     still equal aggregating the decoded updates bit for bit."""
     n, d = 11, 20011
@@ -489,8 +498,9 @@ def test_fused_aggregate_of_one_codec_decodes_inside_the_selection(codec):
     with ops.backend("reference"):  # the reference would materialise every row: blocks instead
         assert src.fused("trimmed_mean") is None
         assert torch.equal(aggregate(ps, tp.TrimmedMean(f=3)), tp.trimmed_mean(dense, f=3))
-    mixed = Compressed(open_payloads(ps[:-1] + [encode(dense[-1], codec, block=128)]))
-    assert mixed.fused("trimmed_mean") is None  # two block sizes: decoded block by block
+    other = encode(dense[-1], codec, block=128) if codec in ("int8", "int4") else encode(dense[-1], "int8")
+    mixed = Compressed(open_payloads(ps[:-1] + [other]))
+    assert mixed.fused("trimmed_mean") is None  # two block sizes or codecs: decoded block by block
 
 
 def test_fused_aggregate_by_name_and_parameter_set_form():

@@ -26,7 +26,7 @@ static T* ptr(uintptr_t p) {
     return reinterpret_cast<T*>(p);
 }
 
-// n quantised rows: their codes and scales pointers
+// n payload rows: their codes and scales pointers (scales 0 for float16/bfloat16 rows)
 struct QuantArgs {
     std::vector<const void*> codes;
     std::vector<const float*> scales;
@@ -72,43 +72,43 @@ void bind_robust(py::module_& m) {
           nogil, "float64 Gram matrix of the rows after a per-column shift (first finite value)");
     using Ptrs = const std::vector<uintptr_t>&;
     m.def("weighted_mean_quantized",
-          [](Ptrs codes, Ptrs scales, int bits, int64_t block, int64_t d, uintptr_t w, uintptr_t out) {
+          [](Ptrs codes, Ptrs scales, int codec, int64_t block, int64_t d, uintptr_t w, uintptr_t out) {
               QuantArgs q(codes, scales);
               py::gil_scoped_release nogil;
-              weighted_mean_quantized(q.codes.data(), q.scales.data(), bits, block, q.n(), d, ptr<const double>(w),
+              weighted_mean_quantized(q.codes.data(), q.scales.data(), codec, block, q.n(), d, ptr<const double>(w),
                                       ptr<float>(out));
           },
-          "weighted_mean of n int8/int4 rows ([codes_ptr]*n, [scales_ptr]*n, bits, block, d, w_ptr, out_ptr)");
+          "weighted_mean of n payload rows ([codes_ptr]*n, [scales_ptr]*n, codec, block, d, w_ptr, out_ptr)");
     m.def("gram_quantized",
-          [](Ptrs codes, Ptrs scales, int bits, int64_t block, int64_t d, uintptr_t G) {
+          [](Ptrs codes, Ptrs scales, int codec, int64_t block, int64_t d, uintptr_t G) {
               QuantArgs q(codes, scales);
               py::gil_scoped_release nogil;
-              gram_quantized(q.codes.data(), q.scales.data(), bits, block, q.n(), d, ptr<double>(G));
+              gram_quantized(q.codes.data(), q.scales.data(), codec, block, q.n(), d, ptr<double>(G));
           },
-          "gram of n int8/int4 rows ([codes_ptr]*n, [scales_ptr]*n, bits, block, d, G_ptr)");
+          "gram of n payload rows ([codes_ptr]*n, [scales_ptr]*n, codec, block, d, G_ptr)");
     m.def("trimmed_mean_quantized",
-          [](Ptrs codes, Ptrs scales, int bits, int64_t block, int64_t d, int64_t f, uintptr_t out) {
+          [](Ptrs codes, Ptrs scales, int codec, int64_t block, int64_t d, int64_t f, uintptr_t out) {
               QuantArgs q(codes, scales);
               py::gil_scoped_release nogil;
-              trimmed_mean_quantized(q.codes.data(), q.scales.data(), bits, block, q.n(), d, f, ptr<float>(out));
+              trimmed_mean_quantized(q.codes.data(), q.scales.data(), codec, block, q.n(), d, f, ptr<float>(out));
           },
-          "trimmed_mean of n int8/int4 rows ([codes_ptr]*n, [scales_ptr]*n, bits, block, d, f, out_ptr)");
+          "trimmed_mean of n payload rows ([codes_ptr]*n, [scales_ptr]*n, codec, block, d, f, out_ptr)");
     m.def("coord_median_quantized",
-          [](Ptrs codes, Ptrs scales, int bits, int64_t block, int64_t d, uintptr_t out) {
+          [](Ptrs codes, Ptrs scales, int codec, int64_t block, int64_t d, uintptr_t out) {
               QuantArgs q(codes, scales);
               py::gil_scoped_release nogil;
-              coord_median_quantized(q.codes.data(), q.scales.data(), bits, block, q.n(), d, ptr<float>(out));
+              coord_median_quantized(q.codes.data(), q.scales.data(), codec, block, q.n(), d, ptr<float>(out));
           },
-          "coord_median of n int8/int4 rows ([codes_ptr]*n, [scales_ptr]*n, bits, block, d, out_ptr)");
+          "coord_median of n payload rows ([codes_ptr]*n, [scales_ptr]*n, codec, block, d, out_ptr)");
     m.def("mean_around_median_quantized",
-          [](Ptrs codes, Ptrs scales, int bits, int64_t block, int64_t d, uintptr_t rows, int64_t m, int64_t k,
+          [](Ptrs codes, Ptrs scales, int codec, int64_t block, int64_t d, uintptr_t rows, int64_t m, int64_t k,
              uintptr_t out) {
               QuantArgs q(codes, scales);
               py::gil_scoped_release nogil;
-              mean_around_median_quantized(q.codes.data(), q.scales.data(), bits, block, q.n(), d,
+              mean_around_median_quantized(q.codes.data(), q.scales.data(), codec, block, q.n(), d,
                                            ptr<const int64_t>(rows), m, k, ptr<float>(out));
           },
-          "mean_around_median over the given rows of n int8/int4 rows");
+          "mean_around_median over the given rows of n payload rows");
     m.def("set_isa", [](int isa) { simd::isa_cap() = isa; },
           "cap the SIMD path used by the robust kernels: 0 portable, 1 avx2, 2 avx512, -1 best available");
     m.def("isa", []() { return std::string(simd::isa_name(simd::active())); },

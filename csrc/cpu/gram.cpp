@@ -15,8 +15,8 @@
 // Inside a chunk, tiles of TW columns are converted and shifted into an L2-resident float32 tile;
 // each pair of row blocks (RI x RJ rows, register-blocked, upper triangle only) runs float32 FMAs
 // over runs of 32 vectors per lane, and every run is added into float64 lane accumulators; the lanes
-// are added in a fixed order once per tile. Quantised rows (quant_rows.h) are decoded straight into
-// the tile, so the Gram matrix of n int8/int4 payloads equals that of their decoded rows, bit for bit.
+// are added in a fixed order once per tile. Payload rows (quant_rows.h) are decoded straight into
+// the tile, so the Gram matrix of n payloads equals that of their decoded rows, bit for bit.
 // float32 multiply-adds fuse where the ISA has FMA (fewer roundings; gram needs no cross-ISA
 // bit-equality, only determinism per machine and thread count). Set for the whole file so that
 // every inlined helper shares it.
@@ -67,14 +67,11 @@ struct GramJob {
     const char* base;
     int64_t n, np, d, row_bytes, TW;
     int dtype;
-    const QuantRows* q;  // quantised rows instead of base (then dtype is float32), or null
+    const QuantRows* q;  // payload rows instead of base (then dtype is float32), or null
 
     // where row i's value at column j lives, and the bytes of w values (for prefetches)
-    const char* at(int64_t i, int64_t j, int64_t es) const {
-        if (!q) return base + i * row_bytes + j * es;
-        return static_cast<const char*>(q->codes[i]) + (q->bits == 8 ? j : j / 2);
-    }
-    int64_t bytes(int64_t w, int64_t es) const { return !q ? w * es : q->bits == 8 ? w : (w + 1) / 2; }
+    const char* at(int64_t i, int64_t j, int64_t es) const { return q ? row_at(*q, i, j) : base + i * row_bytes + j * es; }
+    int64_t bytes(int64_t w, int64_t es) const { return q ? tapestry::row_bytes(*q, w) : w * es; }
 };
 
 struct GramScratch {
@@ -84,6 +81,22 @@ struct GramScratch {
     float* count;     // TW
     void* dacc;       // RI * RJ float64 lane vectors
 };
+
+// row[l] = src[l] as float for l < tw (in place when src is row), and each column's first finite value
+template <class T, class S>
+TAPESTRY_INLINE void fill_row(const S* src, float* row, int64_t tw, float* shift, uint32_t* found) {
+    for (int64_t l = 0; l < tw; ++l) {
+        float v;
+        if constexpr (std::is_same<S, float>::value)
+            v = src[l];
+        else
+            v = T::to_float(src[l]);
+        uint32_t fin = (bits_from_f32(v) & 0x7f800000u) != 0x7f800000u;
+        row[l] = v;
+        shift[l] = (fin & ~found[l]) ? v : shift[l];
+        found[l] |= fin;
+    }
+}
 
 template <class T, int VL, int RJ>
 TAPESTRY_INLINE void gram_chunk(const GramJob& J, int64_t c0, int64_t c1, const GramScratch& S, double* Gp) {
@@ -104,30 +117,20 @@ TAPESTRY_INLINE void gram_chunk(const GramJob& J, int64_t c0, int64_t c1, const 
         }
         for (int64_t i = 0; i < n; ++i) {
             float* row = tile + i * TW;
-            auto fill = [&](auto value) {  // row[l] = value(l), and the first finite value per column
-                for (int64_t l = 0; l < tw; ++l) {
-                    float v = value(l);
-                    uint32_t fin = (bits_from_f32(v) & 0x7f800000u) != 0x7f800000u;
-                    row[l] = v;
-                    shift[l] = (fin & ~found[l]) ? v : shift[l];
-                    found[l] |= fin;
-                }
-            };
             bool decoded = false;
             if constexpr (std::is_same<T, F32>::value) {
                 if (J.q) {  // decoded into the row, then read back as floats
-                    if (J.q->bits == 8)
-                        decode_row<8>(*J.q, i, s0, tw, row);
-                    else
-                        decode_row<4>(*J.q, i, s0, tw, row);
-                    fill([&](int64_t l) { return row[l]; });
+                    switch (J.q->codec) {
+                        case kRowsInt8: decode_row<kRowsInt8>(*J.q, i, s0, tw, row); break;
+                        case kRowsInt4: decode_row<kRowsInt4>(*J.q, i, s0, tw, row); break;
+                        case kRowsFloat16: decode_row<kRowsFloat16>(*J.q, i, s0, tw, row); break;
+                        default: decode_row<kRowsBFloat16>(*J.q, i, s0, tw, row); break;
+                    }
+                    fill_row<T>(row, row, tw, shift, found);
                     decoded = true;
                 }
             }
-            if (!decoded) {
-                const R* src = reinterpret_cast<const R*>(J.base + i * J.row_bytes) + s0;
-                fill([&](int64_t l) { return T::to_float(src[l]); });
-            }
+            if (!decoded) fill_row<T>(reinterpret_cast<const R*>(J.base + i * J.row_bytes) + s0, row, tw, shift, found);
             for (int64_t l = tw; l < TW; ++l) row[l] = 0.0f;
         }
         for (int64_t i = n; i < np; ++i)
@@ -255,9 +258,9 @@ void gram(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, double
     run_gram({static_cast<const char*>(X), n, 0, d, stride * es, 0, dtype, nullptr}, G);
 }
 
-void gram_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n, int64_t d,
+void gram_quantized(const void* const* codes, const float* const* scales, int codec, int64_t block, int64_t n, int64_t d,
                     double* G) {
-    const QuantRows q{codes, scales, bits, block};
+    const QuantRows q{codes, scales, codec, block};
     run_gram({nullptr, n, 0, d, 0, 0, kFloat32, &q}, G);
 }
 

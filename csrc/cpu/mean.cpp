@@ -3,8 +3,8 @@
 // Columns are cut into blocks of B coordinates whose float64 accumulators stay in L1; each block
 // streams the rows with w_i != 0 (the others are never read, so their NaN cannot propagate).
 // Multiply then add, never fused (-ffp-contract=off): every ISA and every lane does the same
-// arithmetic, so any column blocking gives bit-identical results. Quantised rows (quant_rows.h)
-// are decoded a block of one row at a time into L1 and summed the same way.
+// arithmetic, so any column blocking gives bit-identical results. Payload rows (quant_rows.h) are
+// decoded a block of one row at a time into L1 and summed the same way.
 #include <omp.h>
 
 #include <algorithm>
@@ -23,12 +23,12 @@ constexpr int64_t B = 2048;  // coordinates per block: 16 KiB of float64 accumul
 
 struct MeanJob {
     const char* base;
-    const int64_t* row_off;  // byte offsets of the rows with w != 0 (quantised rows: their indices)
+    const int64_t* row_off;  // byte offsets of the rows with w != 0 (payload rows: their indices)
     const double* w;         // their weights
     int64_t m, d;
     int dtype;
     float* out;
-    const QuantRows* q;  // quantised rows instead of base, or null
+    const QuantRows* q;  // payload rows instead of base, or null
 };
 
 template <class T>
@@ -48,14 +48,14 @@ TAPESTRY_INLINE void mean_block(const MeanJob& J, int64_t j0, double* acc) {
     for (int64_t l = 0; l < b; ++l) J.out[j0 + l] = static_cast<float>(acc[l]);
 }
 
-template <int BITS>
+template <int CODEC>
 TAPESTRY_INLINE void mean_block_quantized(const MeanJob& J, int64_t j0, double* acc, float* v) {
     const int64_t b = std::min(B, J.d - j0);
     for (int64_t l = 0; l < b; ++l) acc[l] = 0.0;
     for (int64_t r = 0; r < J.m; ++r) {
         const int64_t i = J.row_off[r];
         if (r + 1 < J.m) prefetch_row(*J.q, J.row_off[r + 1], j0, b);
-        decode_row<BITS>(*J.q, i, j0, b, v);
+        decode_row<CODEC>(*J.q, i, j0, b, v);
         const double wi = J.w[r];
         for (int64_t l = 0; l < b; ++l) acc[l] += wi * static_cast<double>(v[l]);
     }
@@ -64,17 +64,23 @@ TAPESTRY_INLINE void mean_block_quantized(const MeanJob& J, int64_t j0, double* 
 
 using BlockFn = void (*)(const MeanJob&, int64_t, double*, float*);
 
-#define TAPESTRY_MEAN_BLOCK_FN(NAME, ATTR)                                  \
-    ATTR void NAME(const MeanJob& J, int64_t j0, double* acc, float* v) {   \
-        if (J.q)                                                            \
-            J.q->bits == 8 ? mean_block_quantized<8>(J, j0, acc, v)         \
-                           : mean_block_quantized<4>(J, j0, acc, v);        \
-        else if (J.dtype == kFloat32)                                       \
-            mean_block<F32>(J, j0, acc);                                    \
-        else if (J.dtype == kFloat16)                                       \
-            mean_block<F16>(J, j0, acc);                                    \
-        else                                                                \
-            mean_block<BF16>(J, j0, acc);                                   \
+#define TAPESTRY_MEAN_BLOCK_FN(NAME, ATTR)                                          \
+    ATTR void NAME(const MeanJob& J, int64_t j0, double* acc, float* v) {           \
+        if (!J.q) {                                                                 \
+            if (J.dtype == kFloat32)                                                \
+                mean_block<F32>(J, j0, acc);                                        \
+            else if (J.dtype == kFloat16)                                           \
+                mean_block<F16>(J, j0, acc);                                        \
+            else                                                                    \
+                mean_block<BF16>(J, j0, acc);                                       \
+            return;                                                                 \
+        }                                                                           \
+        switch (J.q->codec) {                                                       \
+            case kRowsInt8: return mean_block_quantized<kRowsInt8>(J, j0, acc, v);  \
+            case kRowsInt4: return mean_block_quantized<kRowsInt4>(J, j0, acc, v);  \
+            case kRowsFloat16: return mean_block_quantized<kRowsFloat16>(J, j0, acc, v); \
+            default: return mean_block_quantized<kRowsBFloat16>(J, j0, acc, v);     \
+        }                                                                           \
     }
 
 TAPESTRY_MEAN_BLOCK_FN(mean_block_avx512, TAPESTRY_AVX512)
@@ -110,7 +116,7 @@ void weighted_mean(const void* X, int64_t n, int64_t d, int64_t stride, int dtyp
               nullptr});
 }
 
-void weighted_mean_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n,
+void weighted_mean_quantized(const void* const* codes, const float* const* scales, int codec, int64_t block, int64_t n,
                              int64_t d, const double* w, float* out) {
     if (d <= 0) return;
     std::vector<int64_t> rows;
@@ -120,7 +126,7 @@ void weighted_mean_quantized(const void* const* codes, const float* const* scale
             rows.push_back(i);
             wk.push_back(w[i]);
         }
-    const QuantRows q{codes, scales, bits, block};
+    const QuantRows q{codes, scales, codec, block};
     run_mean({nullptr, rows.data(), wk.data(), static_cast<int64_t>(rows.size()), d, kFloat32, out, &q});
 }
 

@@ -14,15 +14,16 @@ void dequantize_int8(const int8_t* const* q, const float* const* scales, int64_t
 void dequantize_int4(const uint8_t* const* packed, const float* const* scales, int64_t n, int64_t m, int64_t block,
                      float* const* out);
 
-// n rows of d values: codes[i] (int8 for bits 8, packed nibbles for bits 4) and scales[i]
-void weighted_mean_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n,
+// n payload rows of d values: codes[i] and scales[i] in the format codec (quant_rows.h's RowCodec:
+// int8 codes, packed int4 nibbles, float16 or bfloat16 values; scales only for int8/int4)
+void weighted_mean_quantized(const void* const* codes, const float* const* scales, int codec, int64_t block, int64_t n,
                              int64_t d, const double* w, float* out);  // mean.cpp
-void gram_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n, int64_t d,
+void gram_quantized(const void* const* codes, const float* const* scales, int codec, int64_t block, int64_t n, int64_t d,
                     double* G);  // gram.cpp
-void trimmed_mean_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n,
+void trimmed_mean_quantized(const void* const* codes, const float* const* scales, int codec, int64_t block, int64_t n,
                             int64_t d, int64_t f, float* out);
-void coord_median_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n,
+void coord_median_quantized(const void* const* codes, const float* const* scales, int codec, int64_t block, int64_t n,
                             int64_t d, float* out);
-void mean_around_median_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block,
+void mean_around_median_quantized(const void* const* codes, const float* const* scales, int codec, int64_t block,
                                   int64_t n, int64_t d, const int64_t* rows, int64_t m, int64_t k, float* out);
 }  // namespace tapestry

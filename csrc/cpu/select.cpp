@@ -16,10 +16,10 @@
 // blocking gives bit-identical results. Trimmed mean with n <= 32 skips the tile altogether
 // (trimmed_tile_regs): rows -> registers -> network -> sums, one register-wide group at a time.
 //
-// Quantised rows (int8 codes or packed int4 nibbles with one float32 scale per block, as in
-// quant.h) are decoded tile by tile into an L1-resident float32 tile, q * scale exactly as
-// dequantize computes it, and that tile goes through the float32 path: the same results, bit for
-// bit, as dequantizing every row first, without the n dense rows.
+// Payload rows (quant_rows.h: int8 codes or packed int4 nibbles with one float32 scale per block,
+// or float16/bfloat16 values) are decoded tile by tile into an L1-resident float32 tile, exactly
+// as decoding the payload gives them, and that tile goes through the float32 path: the same
+// results, bit for bit, as decoding every row first, without the n dense rows.
 #include <omp.h>
 
 #include <algorithm>
@@ -492,25 +492,28 @@ TAPESTRY_SELECT_TILE_FN(select_tiles_avx512, TAPESTRY_AVX512)
 TAPESTRY_SELECT_TILE_FN(select_tiles_avx2, TAPESTRY_AVX2)
 TAPESTRY_SELECT_TILE_FN(select_tiles_portable, )
 
-// ---- quantised rows: decode a tile of the m rows read into float32 (row r at t + r * kTileW)
-template <int BITS>
+// ---- payload rows: decode a tile of the m rows read into float32 (row r at t + r * kTileW)
+template <int CODEC>
 TAPESTRY_INLINE void decode_tile(const QuantRows& q, const int64_t* rows, int m, int64_t j0, int w, float* t) {
     constexpr int W = kTileW<int32_t>;
     for (int r = 0; r < m; ++r) {
         const int64_t i = rows ? rows[r] : r;
         prefetch_row(q, i, j0 + kPrefetchTiles * W, W);
-        decode_row<BITS>(q, i, j0, w, t + static_cast<size_t>(r) * W);
+        decode_row<CODEC>(q, i, j0, w, t + static_cast<size_t>(r) * W);
     }
 }
 
 using DecodeFn = void (*)(const QuantRows&, const int64_t*, int, int64_t, int, float*);
 
-#define TAPESTRY_DECODE_TILE_FN(NAME, ATTR)                                                           \
-    ATTR void NAME(const QuantRows& q, const int64_t* rows, int m, int64_t j0, int w, float* t) {     \
-        if (q.bits == 8)                                                                              \
-            decode_tile<8>(q, rows, m, j0, w, t);                                                     \
-        else                                                                                          \
-            decode_tile<4>(q, rows, m, j0, w, t);                                                     \
+// (a switch, not a generic lambda: a lambda would not inherit the wrapper's target ISA)
+#define TAPESTRY_DECODE_TILE_FN(NAME, ATTR)                                                        \
+    ATTR void NAME(const QuantRows& q, const int64_t* rows, int m, int64_t j0, int w, float* t) {  \
+        switch (q.codec) {                                                                         \
+            case kRowsInt8: return decode_tile<kRowsInt8>(q, rows, m, j0, w, t);                   \
+            case kRowsInt4: return decode_tile<kRowsInt4>(q, rows, m, j0, w, t);                   \
+            case kRowsFloat16: return decode_tile<kRowsFloat16>(q, rows, m, j0, w, t);             \
+            default: return decode_tile<kRowsBFloat16>(q, rows, m, j0, w, t);                      \
+        }                                                                                          \
     }
 
 TAPESTRY_DECODE_TILE_FN(decode_tile_avx512, TAPESTRY_AVX512)
@@ -593,28 +596,28 @@ void mean_around_median(const void* X, int64_t n, int64_t d, int64_t stride, int
     run_select(X, n, d, stride, dtype, nullptr, rows, m, kAroundMedian, static_cast<int>(k), wires, out);
 }
 
-// The same three ops on n quantised rows of d values (codes[i], scales[i]; bits 8 or 4).
-void trimmed_mean_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n,
+// The same three ops on n payload rows of d values (codes[i], scales[i]; codec: RowCodec).
+void trimmed_mean_quantized(const void* const* codes, const float* const* scales, int codec, int64_t block, int64_t n,
                             int64_t d, int64_t f, float* out) {
     std::vector<char> wires(n, 0);
     for (int64_t r = f; r < n - f; ++r) wires[r] = 1;
-    const QuantRows q{codes, scales, bits, block};
+    const QuantRows q{codes, scales, codec, block};
     run_select(nullptr, n, d, 0, kFloat32, &q, nullptr, n, kTrimmed, static_cast<int>(f), wires, out);
 }
 
-void coord_median_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block, int64_t n,
+void coord_median_quantized(const void* const* codes, const float* const* scales, int codec, int64_t block, int64_t n,
                             int64_t d, float* out) {
     std::vector<char> wires(n, 0);
     wires[n / 2] = 1;
     if (n % 2 == 0) wires[n / 2 - 1] = 1;
-    const QuantRows q{codes, scales, bits, block};
+    const QuantRows q{codes, scales, codec, block};
     run_select(nullptr, n, d, 0, kFloat32, &q, nullptr, n, kMedian, 0, wires, out);
 }
 
-void mean_around_median_quantized(const void* const* codes, const float* const* scales, int bits, int64_t block,
+void mean_around_median_quantized(const void* const* codes, const float* const* scales, int codec, int64_t block,
                                   int64_t n, int64_t d, const int64_t* rows, int64_t m, int64_t k, float* out) {
     std::vector<char> wires(m, 2);
-    const QuantRows q{codes, scales, bits, block};
+    const QuantRows q{codes, scales, codec, block};
     run_select(nullptr, n, d, 0, kFloat32, &q, rows, m, kAroundMedian, static_cast<int>(k), wires, out);
 }
 

@@ -56,13 +56,14 @@ OPS: dict[str, str] = {
     "dequantize_int8": "(qs: [n x int8 codes], scales: [n x float32], block, outs: [n x (m,) float32 contiguous], start=0) -> outs: values start .. start+m-1 (start a multiple of block)",
     "quantize_int4": "(x: (m,) float32/float16/bfloat16 contiguous, block, key, out=None) -> (packed: (ceil(m/2),) uint8, scales)",
     "dequantize_int4": "(qs: [n x packed uint8], scales: [n x float32], block, outs: [n x (m,) float32], start=0) -> outs",
-    #    fused decode-and-select: the op on the rows dequantize would give (bits 8: int8 codes, bits 4:
-    #    packed uint8), bit for bit, without materialising them; qs/scales/d as a payload holds them
-    "weighted_mean_quantized": "(qs, scales, bits: 8 | 4, block, d, w) -> (d,): weighted_mean of the n dequantized rows",
-    "gram_quantized": "(qs, scales, bits, block, d) -> (n, n) float64: gram of the n dequantized rows",
-    "trimmed_mean_quantized": "(qs, scales, bits, block, d, f) -> (d,): trimmed_mean of the n dequantized rows",
-    "coord_median_quantized": "(qs, scales, bits, block, d) -> (d,): coord_median of the n dequantized rows",
-    "mean_around_median_quantized": "(qs, scales, bits, block, d, rows, k) -> (d,): mean_around_median of the dequantized rows",
+    #    fused decode-and-aggregate: the op on the rows that decoding n payloads of one codec gives
+    #    (codec "int8": int8 codes, "int4": packed uint8, with float32 scales per block; "fp16" /
+    #    "bf16": 16-bit values, scales None), bit for bit, without materialising them
+    "weighted_mean_quantized": "(qs, scales, codec, block, d, w) -> (d,): weighted_mean of the n decoded rows",
+    "gram_quantized": "(qs, scales, codec, block, d) -> (n, n) float64: gram of the n decoded rows",
+    "trimmed_mean_quantized": "(qs, scales, codec, block, d, f) -> (d,): trimmed_mean of the n decoded rows",
+    "coord_median_quantized": "(qs, scales, codec, block, d) -> (d,): coord_median of the n decoded rows",
+    "mean_around_median_quantized": "(qs, scales, codec, block, d, rows, k) -> (d,): mean_around_median of the n decoded rows",
     # -- secure sum (see tapestry.secure)
     #    ring elements are uint32 stored as int32 bit patterns; key (8,) / keys (m, 8) and nonce (3,)
     #    are int32 words on the data's device; offsets count keystream words (SPEC.md layout)

@@ -188,37 +188,44 @@ def dequantize_int8(qs: list, scales: list, block: int, outs: list, start: int =
     return outs
 
 
-def _dequantized(qs: list, scales: list, bits: int, block: int, d: int) -> torch.Tensor:
+def _dequantized(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
+    """The ``(n, d)`` float32 rows that decoding n payloads of ``codec`` gives."""
     X = torch.empty(len(qs), d, dtype=torch.float32)
-    (dequantize_int8 if bits == 8 else dequantize_int4)(qs, scales, block, list(X.unbind(0)))
+    if codec in ("fp16", "bf16"):
+        for q, x in zip(qs, X):
+            x.copy_(q.view(torch.float16 if codec == "fp16" else torch.bfloat16)[:d])
+    else:
+        (dequantize_int8 if codec == "int8" else dequantize_int4)(qs, scales, block, list(X.unbind(0)))
     return X
 
 
-def weighted_mean_quantized(qs: list, scales: list, bits: int, block: int, d: int, w: torch.Tensor) -> torch.Tensor:
-    """:func:`weighted_mean` of the ``(n, d)`` rows that dequantize_int8 (``bits`` 8) or
-    dequantize_int4 (``bits`` 4) gives for ``qs`` and ``scales``."""
-    return weighted_mean(_dequantized(qs, scales, bits, block, d), w)
+def weighted_mean_quantized(qs: list, scales: list, codec: str, block: int, d: int, w: torch.Tensor) -> torch.Tensor:
+    """:func:`weighted_mean` of the ``(n, d)`` rows that decoding n payloads of ``codec`` gives:
+    int8 codes or packed int4 (``qs``) with float32 ``scales`` per ``block`` (as
+    :func:`dequantize_int8` / :func:`dequantize_int4` decode them), or float16/bfloat16 values
+    (codec "fp16"/"bf16", ``scales`` unused)."""
+    return weighted_mean(_dequantized(qs, scales, codec, block, d), w)
 
 
-def gram_quantized(qs: list, scales: list, bits: int, block: int, d: int) -> torch.Tensor:
-    """:func:`gram` of the dequantized rows (see :func:`weighted_mean_quantized`)."""
-    return gram(_dequantized(qs, scales, bits, block, d))
+def gram_quantized(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
+    """:func:`gram` of the decoded rows (see :func:`weighted_mean_quantized`)."""
+    return gram(_dequantized(qs, scales, codec, block, d))
 
 
-def trimmed_mean_quantized(qs: list, scales: list, bits: int, block: int, d: int, f: int) -> torch.Tensor:
-    """:func:`trimmed_mean` of the dequantized rows (see :func:`weighted_mean_quantized`)."""
-    return trimmed_mean(_dequantized(qs, scales, bits, block, d), f)
+def trimmed_mean_quantized(qs: list, scales: list, codec: str, block: int, d: int, f: int) -> torch.Tensor:
+    """:func:`trimmed_mean` of the decoded rows (see :func:`weighted_mean_quantized`)."""
+    return trimmed_mean(_dequantized(qs, scales, codec, block, d), f)
 
 
-def coord_median_quantized(qs: list, scales: list, bits: int, block: int, d: int) -> torch.Tensor:
-    """:func:`coord_median` of the dequantized rows (see :func:`weighted_mean_quantized`)."""
-    return coord_median(_dequantized(qs, scales, bits, block, d))
+def coord_median_quantized(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
+    """:func:`coord_median` of the decoded rows (see :func:`weighted_mean_quantized`)."""
+    return coord_median(_dequantized(qs, scales, codec, block, d))
 
 
-def mean_around_median_quantized(qs: list, scales: list, bits: int, block: int, d: int, rows: torch.Tensor,
+def mean_around_median_quantized(qs: list, scales: list, codec: str, block: int, d: int, rows: torch.Tensor,
                                  k: int) -> torch.Tensor:
-    """:func:`mean_around_median` of the dequantized rows (see :func:`weighted_mean_quantized`)."""
-    return mean_around_median(_dequantized(qs, scales, bits, block, d), rows, k)
+    """:func:`mean_around_median` of the decoded rows (see :func:`weighted_mean_quantized`)."""
+    return mean_around_median(_dequantized(qs, scales, codec, block, d), rows, k)
 
 
 def dequantize_int4(qs: list, scales: list, block: int, outs: list, start: int = 0) -> list:

@@ -117,65 +117,6 @@ def _rows(rows, n: int, k: int) -> torch.Tensor:
     return rows
 
 
-# Fused decode-and-select: the kernels decode a tile of every row at a time (csrc/cpu/select.cpp).
-
-
-def _quantized(op: str, qs: list, scales: list, bits: int, block: int, d: int) -> tuple[list[int], list[int]]:
-    """Pointers to the codes and scales of each row, after checking that every row holds ``d`` values."""
-    if bits not in (8, 4):
-        raise ValueError(f"{op}: bits must be 8 or 4, got {bits}")
-    if not (2 <= block <= 4096 and block % 2 == 0):
-        raise ValueError(f"{op}: block must be even and in [2, 4096], got {block}")
-    if len(qs) != len(scales) or not qs:
-        raise ValueError(f"{op}: needs n >= 1 rows of codes and as many of scales, got {len(qs)} and {len(scales)}")
-    ncodes, nscales = (d if bits == 8 else (d + 1) // 2), -(-d // block)
-    for i, (q, s) in enumerate(zip(qs, scales)):
-        if q.device.type != "cpu" or q.element_size() != 1 or not q.is_contiguous() or q.numel() < ncodes:
-            raise ValueError(f"{op}: row {i} needs {ncodes} contiguous 1-byte codes on the CPU, got {q.numel()} {q.dtype}")
-        if s.device.type != "cpu" or s.dtype != torch.float32 or not s.is_contiguous() or s.numel() < nscales:
-            raise ValueError(f"{op}: row {i} needs {nscales} contiguous float32 scales on the CPU, got {s.numel()} {s.dtype}")
-    return [q.data_ptr() for q in qs], [s.data_ptr() for s in scales]
-
-
-def weighted_mean_quantized(qs: list, scales: list, bits: int, block: int, d: int, w) -> torch.Tensor:
-    cp, sp = _quantized("weighted_mean_quantized", qs, scales, bits, block, d)
-    w = _weights(w, len(qs))
-    out = torch.empty(d, dtype=torch.float32)
-    _C().weighted_mean_quantized(cp, sp, bits, block, d, w.data_ptr(), out.data_ptr())
-    return out
-
-
-def gram_quantized(qs: list, scales: list, bits: int, block: int, d: int) -> torch.Tensor:
-    cp, sp = _quantized("gram_quantized", qs, scales, bits, block, d)
-    G = torch.empty(len(qs), len(qs), dtype=torch.float64)
-    _C().gram_quantized(cp, sp, bits, block, d, G.data_ptr())
-    return G
-
-
-def trimmed_mean_quantized(qs: list, scales: list, bits: int, block: int, d: int, f: int) -> torch.Tensor:
-    cp, sp = _quantized("trimmed_mean_quantized", qs, scales, bits, block, d)
-    if not 0 <= 2 * f < len(qs):
-        raise ValueError(f"trimmed_mean needs 0 <= 2f < n, got n={len(qs)}, f={f}")
-    out = torch.empty(d, dtype=torch.float32)
-    _C().trimmed_mean_quantized(cp, sp, bits, block, d, int(f), out.data_ptr())
-    return out
-
-
-def coord_median_quantized(qs: list, scales: list, bits: int, block: int, d: int) -> torch.Tensor:
-    cp, sp = _quantized("coord_median_quantized", qs, scales, bits, block, d)
-    out = torch.empty(d, dtype=torch.float32)
-    _C().coord_median_quantized(cp, sp, bits, block, d, out.data_ptr())
-    return out
-
-
-def mean_around_median_quantized(qs: list, scales: list, bits: int, block: int, d: int, rows, k: int) -> torch.Tensor:
-    cp, sp = _quantized("mean_around_median_quantized", qs, scales, bits, block, d)
-    rows = _rows(rows, len(qs), k)
-    out = torch.empty(d, dtype=torch.float32)
-    _C().mean_around_median_quantized(cp, sp, bits, block, d, rows.data_ptr(), rows.numel(), int(k), out.data_ptr())
-    return out
-
-
 def gram(X: torch.Tensor) -> torch.Tensor:
     if X.dtype == torch.float64:
         return _reference("gram")(X)
@@ -184,6 +125,75 @@ def gram(X: torch.Tensor) -> torch.Tensor:
     G = torch.empty(n, n, dtype=torch.float64)
     _C().gram(X.data_ptr(), n, d, stride, code, G.data_ptr())
     return G
+
+
+# Fused decode-and-aggregate: the kernels decode a tile of every row at a time (csrc/cpu/quant_rows.h).
+
+ROW_CODECS = {"int8": 0, "int4": 1, "fp16": 2, "bf16": 3}  # csrc/cpu/quant_rows.h RowCodec
+
+
+def _quantized(op: str, qs: list, scales: list, codec: str, block: int, d: int) -> tuple[list[int], list[int], int]:
+    """Pointers to each row's values and scales, and the codec's code, after checking that every
+    row holds ``d`` values (and, for int8/int4, its scales)."""
+    if codec not in ROW_CODECS:
+        raise ValueError(f"{op}: codec must be one of {list(ROW_CODECS)}, got {codec!r}")
+    quantized = codec in ("int8", "int4")
+    if quantized and not (2 <= block <= 4096 and block % 2 == 0):
+        raise ValueError(f"{op}: block must be even and in [2, 4096], got {block}")
+    if not qs or (quantized and len(qs) != len(scales)):
+        raise ValueError(f"{op}: needs n >= 1 rows and, for {codec}, as many rows of scales")
+    width = 2 if codec in ("fp16", "bf16") else 1
+    count = {"int8": d, "int4": (d + 1) // 2}.get(codec, d)
+    nscales = -(-d // block) if quantized else 0
+    for i, q in enumerate(qs):
+        if q.device.type != "cpu" or q.element_size() != width or not q.is_contiguous() or q.numel() < count:
+            raise ValueError(f"{op}: row {i} needs {count} contiguous {width}-byte {codec} values on the CPU, "
+                             f"got {q.numel()} {q.dtype}")
+        s = scales[i] if quantized else None
+        if quantized and (s.device.type != "cpu" or s.dtype != torch.float32 or not s.is_contiguous()
+                          or s.numel() < nscales):
+            raise ValueError(f"{op}: row {i} needs {nscales} contiguous float32 scales on the CPU, got {s.numel()} {s.dtype}")
+    sp = [s.data_ptr() for s in scales] if quantized else [0] * len(qs)
+    return [q.data_ptr() for q in qs], sp, ROW_CODECS[codec]
+
+
+def weighted_mean_quantized(qs: list, scales: list, codec: str, block: int, d: int, w) -> torch.Tensor:
+    cp, sp, c = _quantized("weighted_mean_quantized", qs, scales, codec, block, d)
+    w = _weights(w, len(qs))
+    out = torch.empty(d, dtype=torch.float32)
+    _C().weighted_mean_quantized(cp, sp, c, block, d, w.data_ptr(), out.data_ptr())
+    return out
+
+
+def gram_quantized(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
+    cp, sp, c = _quantized("gram_quantized", qs, scales, codec, block, d)
+    G = torch.empty(len(qs), len(qs), dtype=torch.float64)
+    _C().gram_quantized(cp, sp, c, block, d, G.data_ptr())
+    return G
+
+
+def trimmed_mean_quantized(qs: list, scales: list, codec: str, block: int, d: int, f: int) -> torch.Tensor:
+    cp, sp, c = _quantized("trimmed_mean_quantized", qs, scales, codec, block, d)
+    if not 0 <= 2 * f < len(qs):
+        raise ValueError(f"trimmed_mean needs 0 <= 2f < n, got n={len(qs)}, f={f}")
+    out = torch.empty(d, dtype=torch.float32)
+    _C().trimmed_mean_quantized(cp, sp, c, block, d, int(f), out.data_ptr())
+    return out
+
+
+def coord_median_quantized(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
+    cp, sp, c = _quantized("coord_median_quantized", qs, scales, codec, block, d)
+    out = torch.empty(d, dtype=torch.float32)
+    _C().coord_median_quantized(cp, sp, c, block, d, out.data_ptr())
+    return out
+
+
+def mean_around_median_quantized(qs: list, scales: list, codec: str, block: int, d: int, rows, k: int) -> torch.Tensor:
+    cp, sp, c = _quantized("mean_around_median_quantized", qs, scales, codec, block, d)
+    rows = _rows(rows, len(qs), k)
+    out = torch.empty(d, dtype=torch.float32)
+    _C().mean_around_median_quantized(cp, sp, c, block, d, rows.data_ptr(), rows.numel(), int(k), out.data_ptr())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,12 +3,12 @@
 :class:`Compressed` is a :class:`~tapestry.aggregators.columns.Columns` source over the parsed
 payloads, so every rule (mean, trimmed mean, median, Krum, Bulyan, ...) aggregates them unchanged:
 
-* over int8/int4 payloads (one codec and block size for all), the ops behind the rules (weighted
-  means, trimmed mean, median, Bulyan's coordinate stage, the Gram matrix behind Krum, Multi-Krum,
-  Bulyan and NNM) run the ``*_quantized`` kernels: a tile of every payload is decoded into cache
-  inside the op, one parallel pass over the codes, no decoded block in memory;
-* everything else (distances to a point, fp16/bf16/topk or mixed payloads) reads blocks of
-  columns decoded into one reused float32 buffer of ``n * cols * 4`` bytes (16 MiB default).
+* over int8/int4/fp16/bf16 payloads (one codec and block size for all), the ops behind the rules
+  (weighted means, trimmed mean, median, Bulyan's coordinate stage, the Gram matrix behind Krum,
+  Multi-Krum, Bulyan and NNM) run the ``*_quantized`` kernels: a tile of every payload is decoded
+  into cache inside the op, one parallel pass over the payloads, no decoded block in memory;
+* everything else (distances to a point, topk or mixed payloads) reads blocks of columns decoded
+  into one reused float32 buffer of ``n * cols * 4`` bytes (16 MiB default).
 
 Peak extra memory is therefore the ``(d,)`` result plus at most that buffer, never ``n`` dense
 float32 updates. Per-coordinate results and Krum-family selections equal aggregating the decoded
@@ -33,6 +33,7 @@ from .wire import Payload, PayloadError, parse
 
 _local = threading.local()  # the decode buffer of this thread's Compressed sources
 FUSED_OPS = ("weighted_mean", "trimmed_mean", "coord_median", "mean_around_median", "gram")
+FUSED_CODECS = ("int8", "int4", "fp16", "bf16")
 DEFAULT_BLOCK_BYTES = 16 << 20  # n=32: 131072 columns a block; few blocks, few OpenMP wake-ups (slow on VMs)
 
 
@@ -83,14 +84,14 @@ class Compressed(Columns):
         return out[:, start - a :]
 
     def fused(self, op: str):
-        """The per-coordinate ops of FUSED_OPS on int8/int4 payloads (one codec and block for all):
-        a kernel that decodes a tile at a time inside the op, where a backend other than the
+        """The ops of FUSED_OPS on int8/int4/fp16/bf16 payloads (one codec and block for all): a
+        kernel that decodes a tile at a time inside the op, where a backend other than the
         reference (which would materialise every row) has one."""
         kinds = {(p.codec, p.block) for p in self.payloads}
         if op not in FUSED_OPS or len(kinds) != 1:
             return None
         codec, block = kinds.pop()
-        if codec not in ("int8", "int4"):
+        if codec not in FUSED_CODECS:
             return None
         try:
             name, fn = ops.resolve(op + "_quantized", self.device)
@@ -99,8 +100,7 @@ class Compressed(Columns):
         if name == "reference":
             return None
         qs, scales = [p.values for p in self.payloads], [p.scales for p in self.payloads]
-        bits = 8 if codec == "int8" else 4
-        return lambda *args: (fn(qs, scales, bits, block, self.d, *args), name)
+        return lambda *args: (fn(qs, scales, codec, block, self.d, *args), name)
 
     def blocks(self) -> Iterator[tuple[int, int]]:
         for start in range(0, self.d, self.cols):
