@@ -142,19 +142,19 @@ def _quantized(op: str, qs: list, scales: list, codec: str, block: int, d: int) 
         raise ValueError(f"{op}: block must be even and in [2, 4096], got {block}")
     if not qs or (quantized and len(qs) != len(scales)):
         raise ValueError(f"{op}: needs n >= 1 rows and, for {codec}, as many rows of scales")
-    width = 2 if codec in ("fp16", "bf16") else 1
-    count = {"int8": d, "int4": (d + 1) // 2}.get(codec, d)
-    nscales = -(-d // block) if quantized else 0
+    width = 1 if quantized else 2
+    count = (d + 1) // 2 if codec == "int4" else d
     for i, q in enumerate(qs):
         if q.device.type != "cpu" or q.element_size() != width or not q.is_contiguous() or q.numel() < count:
             raise ValueError(f"{op}: row {i} needs {count} contiguous {width}-byte {codec} values on the CPU, "
                              f"got {q.numel()} {q.dtype}")
-        s = scales[i] if quantized else None
-        if quantized and (s.device.type != "cpu" or s.dtype != torch.float32 or not s.is_contiguous()
-                          or s.numel() < nscales):
+    if not quantized:
+        return [q.data_ptr() for q in qs], [0] * len(qs), ROW_CODECS[codec]
+    nscales = -(-d // block)
+    for i, s in enumerate(scales):
+        if s.device.type != "cpu" or s.dtype != torch.float32 or not s.is_contiguous() or s.numel() < nscales:
             raise ValueError(f"{op}: row {i} needs {nscales} contiguous float32 scales on the CPU, got {s.numel()} {s.dtype}")
-    sp = [s.data_ptr() for s in scales] if quantized else [0] * len(qs)
-    return [q.data_ptr() for q in qs], sp, ROW_CODECS[codec]
+    return [q.data_ptr() for q in qs], [s.data_ptr() for s in scales], ROW_CODECS[codec]
 
 
 def weighted_mean_quantized(qs: list, scales: list, codec: str, block: int, d: int, w) -> torch.Tensor:
