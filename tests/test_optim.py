@@ -363,3 +363,69 @@ def test_nonfinite_aggregate_is_refused_unless_allowed():
         server_optimizer("fedavg", torch.zeros(1)).step(torch.tensor([1e300], dtype=torch.float64))
     opt.step(bad, allow_nonfinite=True)
     assert torch.isfinite(x[:4]).all() and not torch.isfinite(x[4:]).any()
+
+
+# -- TapestryStrategy(server_optimizer=...) is Flower's FedOpt strategies, in Flower's loop ------
+
+STRATEGY_CASES = [("fedadam", "FedAdam", {}), (("fedyogi", {"eta": 0.05}), "FedYogi", {"eta": 0.05}),
+                  ({"name": "fedadagrad", "tau": 0.01}, "FedAdagrad", {"tau": 0.01}),
+                  ("fedavgm", "FedAvgM", {"server_momentum": 0.9})]
+
+
+@pytest.mark.parametrize("spec,flower_name,flower_kwargs", STRATEGY_CASES)
+def test_tapestry_strategy_with_server_optimizer_is_flowers(spec, flower_name, flower_kwargs, monkeypatch):
+    pytest.importorskip("flwr")
+    import flwr.serverapp.strategy as fs
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from tapestry.integrations.flower import TapestryStrategy
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    nodes, initial = 5, _initial(1)
+    theirs = _flower_run(getattr(fs, flower_name)(fraction_evaluate=0.0, min_available_nodes=nodes, **flower_kwargs),
+                         initial, nodes)
+    strategy = TapestryStrategy("mean", server_optimizer=spec, fraction_evaluate=0.0, min_available_nodes=nodes)
+    ours = _flower_run(strategy, initial, nodes)
+    _assert_close_to_largest(ours, theirs)
+    assert strategy.outer_optimizer.steps == ROUNDS
+    assert max(float(np.abs(ours[-1][k] - initial[k]).max()) for k in SHAPES) > 1e-3
+
+
+def test_tapestry_strategy_robust_rule_with_nesterov(monkeypatch):
+    """Median of the deltas, then DiLoCo's outer step, against the same computed by hand."""
+    pytest.importorskip("flwr")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from tapestry.integrations.flower import TapestryStrategy
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    nodes, initial = 5, _initial(2)
+    strategy = TapestryStrategy("median", server_optimizer=("nesterov", {"lr": 0.5}), fraction_evaluate=0.0,
+                                min_available_nodes=nodes)
+    ours = _flower_run(strategy, initial, nodes)
+    params = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in initial.items()}
+    sgd = torch.optim.SGD(list(params.values()), lr=0.5, momentum=0.9, nesterov=True)
+    for rnd in range(1, ROUNDS + 1):
+        with torch.no_grad():
+            deltas = [{k: (params[k] + torch.from_numpy(_reply_noise(rnd, i)[k])) - params[k] for k in SHAPES}
+                      for i in range(nodes)]
+        agg = tp.median(deltas)
+        for k, p in params.items():
+            p.grad = -agg[k]
+        sgd.step()
+        for k in SHAPES:
+            assert np.array_equal(ours[rnd - 1][k], params[k].detach().numpy()), (rnd, k)
+
+
+def test_tapestry_strategy_refuses_bad_server_optimizers():
+    pytest.importorskip("flwr")
+    from tapestry.integrations.flower import TapestryStrategy
+
+    with pytest.raises(ValueError, match="unknown server optimizer 'adam'"):
+        TapestryStrategy("mean", server_optimizer="adam")
+    with pytest.raises(ValueError, match="fedadam takes no hyperparameter 'momentum'"):
+        TapestryStrategy("mean", server_optimizer=("fedadam", {"momentum": 0.9}))
+    with pytest.raises(TypeError, match="server_optimizer must be a name"):
+        TapestryStrategy("mean", server_optimizer=3)
