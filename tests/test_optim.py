@@ -429,3 +429,38 @@ def test_tapestry_strategy_refuses_bad_server_optimizers():
         TapestryStrategy("mean", server_optimizer=("fedadam", {"momentum": 0.9}))
     with pytest.raises(TypeError, match="server_optimizer must be a name"):
         TapestryStrategy("mean", server_optimizer=3)
+
+
+@pytest.mark.parametrize("name", SERVER_OPTIMIZERS)
+def test_bfloat16_parameters_follow_the_float32_run(name):
+    """Low-precision parameters: adaptive state stays float32; the trajectory tracks float32's."""
+    x0 = torch.randn(300, generator=torch.Generator().manual_seed(4))
+    lo, hi = x0.bfloat16(), x0.clone()
+    a, b = server_optimizer(name, lo), server_optimizer(name, hi)
+    for agg in _aggs(300, 4, seed=2):
+        a.step(agg)
+        b.step(agg)
+    assert lo.dtype == torch.bfloat16
+    assert float((lo.float() - hi).abs().max()) <= 0.05 * float(hi.abs().max())
+    assert all(t.dtype == (torch.float32 if name in ("fedadam", "fedyogi") else torch.bfloat16)
+               for ts in a.state_dict()["state"].values() for t in ts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", SERVER_OPTIMIZERS)
+def test_cuda_parameters_from_a_cpu_aggregate(name):
+    """CUDA parameters (torch.optim takes its foreach path there), aggregates sent from the CPU:
+    nesterov stays torch's SGD bit for bit; every optimizer tracks its CPU run."""
+    x0 = torch.randn(5000, generator=torch.Generator().manual_seed(6))
+    gpu, cpu = x0.cuda(), x0.clone()
+    a, b = server_optimizer(name, [gpu]), server_optimizer(name, [cpu])
+    ref = x0.cuda().requires_grad_(True)
+    sgd = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=True)
+    for agg in _aggs(5000, 4, seed=7):
+        a.step(agg)
+        b.step(agg)
+        ref.grad = -agg.cuda()
+        sgd.step()
+    if name == "nesterov":
+        assert torch.equal(gpu, ref.detach())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)

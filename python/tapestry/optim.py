@@ -220,7 +220,7 @@ class ServerOptimizer:
         self._adaptive_step(pieces)
 
     def _adaptive_step(self, pieces: list[torch.Tensor]) -> None:
-        """FedAdam / FedYogi, in Flower's order of operations."""
+        """FedAdam / FedYogi: Flower's formulas, with at most two temporaries per parameter."""
         h, t = self.hparams, self.steps
         b1, b2, tau = h["beta1"], h["beta2"], h["tau"]
         if self._m is None:
@@ -233,15 +233,20 @@ class ServerOptimizer:
             eta = h["lr"]
         for p, a, m, v in zip(self.params, pieces, self._m, self._v):
             a = a.to(m.dtype)
-            m.mul_(b1).add_(a * (1 - b1))
-            a2 = a.square()
+            m.mul_(b1).add_(a, alpha=1 - b1)
             if self.name == "fedadam":
-                v.mul_(b2).add_(a2 * (1 - b2))
-            else:  # Yogi: v moves toward a^2 by (1 - beta2) a^2 (additively, unlike Adam's average)
-                s = torch.sign(v - a2)
-                v.sub_(a2.mul_(1 - b2).mul_(s))
-            upd = (m * eta).div_(v.sqrt().add_(tau))
-            p.add_(upd.to(p.dtype))
+                v.mul_(b2).addcmul_(a, a, value=1 - b2)
+                den = v.sqrt()
+            else:  # Yogi: v moves by (1 - beta2) a^2 toward a^2 (additively, unlike Adam's average)
+                a2 = a.square()
+                step = torch.sub(v, a2).sign_().mul_(a2).mul_(1 - b2)
+                v.sub_(step)
+                den = torch.sqrt(v, out=a2)
+            den.add_(tau)
+            if p.dtype == m.dtype:
+                p.addcdiv_(m, den, value=eta)
+            else:  # lower-precision parameters: the state and the step stay in float32
+                p.add_(den.reciprocal_().mul_(m).mul_(eta).to(p.dtype))
 
     # -- state ------------------------------------------------------------------------------------
     def _state_lists(self) -> dict[str, list[torch.Tensor]]:
