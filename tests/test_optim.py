@@ -71,14 +71,16 @@ def _local_grid(app, nodes: int):
     return LocalGrid()
 
 
-def _flower_run(strategy, initial: dict, nodes: int) -> list[dict]:
-    """The global models after each of ROUNDS rounds of ``strategy.start`` (replies: global + noise)."""
+def _flower_run(strategy, initial: dict, nodes: int, codec: str | None = None) -> list[dict]:
+    """The global models after each of ROUNDS rounds of ``strategy.start`` (replies: global + noise,
+    compressed by tapestry with ``codec``)."""
     flwr = pytest.importorskip("flwr", reason="flwr is in requirements-dev.txt")  # noqa: F841
     from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
     rounds: dict = {}
+    compressors: dict = {}
 
     @app.train()
     def train(msg: Message, context: Context):
@@ -86,8 +88,13 @@ def _flower_run(strategy, initial: dict, nodes: int) -> list[dict]:
         rnd = rounds[node] = rounds.get(node, 0) + 1
         glob = msg.content["arrays"]
         noise = _reply_noise(rnd, node)
-        local = {k: (glob[k].numpy() + noise[k]).astype(np.float32) for k in SHAPES}
-        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in local.items()}),
+        local = ArrayRecord({k: Array((glob[k].numpy() + noise[k]).astype(np.float32)) for k in SHAPES})
+        if codec is not None:
+            from tapestry.compression import Compressor
+            from tapestry.integrations.flower import compress_update
+
+            local = compress_update(local, glob, compressors.setdefault(node, Compressor(codec, seed=node)))
+        return Message(RecordDict({"arrays": local,
                                    "metrics": MetricRecord({"num-examples": _examples(node)})}), reply_to=msg)
 
     seen = []
@@ -417,6 +424,28 @@ def test_tapestry_strategy_robust_rule_with_nesterov(monkeypatch):
         sgd.step()
         for k in SHAPES:
             assert np.array_equal(ours[rnd - 1][k], params[k].detach().numpy()), (rnd, k)
+
+
+def test_tapestry_strategy_compressed_replies_reach_the_server_optimizer(monkeypatch):
+    pytest.importorskip("flwr")
+    pytest.importorskip("tapestry.compression")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from tapestry.integrations.flower import TapestryStrategy
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    nodes, initial = 4, _initial(3)
+    runs = {}
+    for codec in (None, "fp16"):
+        strategy = TapestryStrategy("trimmed_mean", rule_params={"f": 1}, server_optimizer="fedadam",
+                                    fraction_evaluate=0.0, min_available_nodes=nodes)
+        runs[codec] = _flower_run(strategy, initial, nodes, codec)
+        assert strategy.outer_optimizer.steps == ROUNDS
+    _assert_close_to_largest(runs["fp16"], runs[None], rel=2e-3)  # fp16 rounding of the deltas only
+    plain = _flower_run(TapestryStrategy("trimmed_mean", rule_params={"f": 1}, fraction_evaluate=0.0,
+                                         min_available_nodes=nodes), initial, nodes)
+    assert max(float(np.abs(plain[-1][k] - runs["fp16"][-1][k]).max()) for k in SHAPES) > 0.1
 
 
 def test_tapestry_strategy_refuses_bad_server_optimizers():
