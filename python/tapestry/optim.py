@@ -146,7 +146,7 @@ class ServerOptimizer:
     def _pieces(self, aggregate: Any) -> list[torch.Tensor]:
         shapes = [tuple(p.shape) for p in self.params]
         if isinstance(aggregate, (torch.Tensor, np.ndarray)):
-            a = torch.from_numpy(np.ascontiguousarray(aggregate)) if isinstance(aggregate, np.ndarray) else aggregate
+            a = _read(aggregate) if isinstance(aggregate, np.ndarray) else aggregate
             self._check_dtype(a, "aggregate")
             if self.form == "tensor" and tuple(a.shape) == shapes[0]:
                 return [a]
@@ -171,7 +171,7 @@ class ServerOptimizer:
         out = []
         for (key, value), shape in zip(items, shapes):
             if isinstance(value, np.ndarray):
-                value = torch.from_numpy(np.ascontiguousarray(value))
+                value = _read(value)
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"aggregate[{key!r}]: expected a tensor or NumPy array, got {type(value).__name__}")
             self._check_dtype(value, f"aggregate[{key!r}]")
@@ -307,6 +307,16 @@ class ServerOptimizer:
                     st.pop(key, None)
             if "step" in st:  # Adagrad counts its steps in a tensor of its own
                 st["step"] = torch.tensor(float(steps), dtype=st["step"].dtype, device=st["step"].device)
+
+
+def _read(x: np.ndarray) -> torch.Tensor:
+    """A tensor viewing ``x`` that is only ever read (so a read-only array, as Flower's
+    ``Array.numpy()`` returns, is fine: torch's warning about writing to it does not apply)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(x))
 
 
 def _state_dtype(p: torch.Tensor) -> torch.dtype:

@@ -198,7 +198,7 @@ class TapestryStrategy(FedAvg):
         elif list(self._outer_params) != keys:
             raise ValueError(f"the model's arrays changed from {list(self._outer_params)} to {keys}")
         for k, g in zip(keys, glob):  # start from the model sent (the optimizer's state carries over)
-            self._outer_params[k].copy_(torch.from_numpy(np.asarray(g)))
+            self._outer_params[k].numpy()[...] = g
         self.outer_optimizer.step([np.asarray(a.numpy() if hasattr(a, "numpy") else a) for a in agg],
                                   allow_nonfinite=True)  # as FedAvg: a NaN aggregate reaches the model
         return ArrayRecord({k: Array(self._outer_params[k].numpy().astype(g.dtype, copy=True))
