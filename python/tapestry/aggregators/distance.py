@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import ops
 from .base import AggregationInfo, Rule, apply, check_f, gram, indices, require
 from .columns import Columns
 
@@ -179,32 +178,33 @@ class NNM(Rule):
         dist = pairwise_distances(src)
         nearest = torch.sort(dist.D, dim=1, stable=True).indices[:, : n - f]
         A = torch.zeros(n, n, dtype=torch.float64)
-        A.scatter_(1, nearest, 1.0 / (n - f))
-        agg, info = self.rule.aggregate(Mixed(src, A, dist.nonfinite), want_info=want_info)
+        A.scatter_(1, nearest, 1.0)
+        agg, info = self.rule.aggregate(Mixed(src, A, n - f, dist.nonfinite), want_info=want_info)
         info.rule = f"nnm+{info.rule}"
         info.nonfinite = indices(dist.nonfinite)
         return agg, info
 
 
 class Mixed(Columns):
-    """The NNM-mixed updates ``A @ X``, produced block by block (never all at once). Each mixed
-    row is the ``weighted_mean`` op over its neighbours (float64 sums in row order, coordinate by
-    coordinate), so a coordinate's value does not depend on how the columns are blocked or
-    sharded (a BLAS product rounds differently at the edges of its tiles). Rows of clients with
-    non-finite values are NaN; the others never read those clients (their weight is zero)."""
+    """The NNM-mixed updates: row ``i`` is the mean of its neighbours' rows, ``(A @ X) / m`` for the
+    0/1 neighbour matrix ``A`` (``m`` neighbours each), produced block by block in float64.
 
-    def __init__(self, src: Columns, A: torch.Tensor, nonfinite: torch.Tensor):
+    With 0/1 weights every product is exact and so is (almost always) every float64 sum of a few
+    float32 values, so a coordinate's value does not depend on the order the BLAS product adds
+    in, which changes at the edges of its tiles: any blocking or sharding of the columns gives the
+    same bits. Rows of clients with non-finite values are NaN; the others never read those clients."""
+
+    def __init__(self, src: Columns, A: torch.Tensor, m: int, nonfinite: torch.Tensor):
         self.src, self.n, self.d, self.device = src, src.n, src.d, src.device
-        A = A.clone()
-        A[:, nonfinite] = 0.0  # nobody mixes in a non-finite client
-        self._rows = [(i, A[i]) for i in indices(~nonfinite)]
+        good = ~nonfinite
+        self._good = good.to(src.device)
+        self._A = A[good][:, good].to(src.device)
+        self._m = m
 
     def read(self, start, stop):
         block = self.src.read(start, stop)
         Y = torch.full((self.n, stop - start), float("nan"), dtype=torch.float32, device=self.device)
-        _, mix = ops.resolve("weighted_mean", self.device)
-        for i, w in self._rows:
-            Y[i] = mix(block, w)
+        Y[self._good] = ((self._A @ block[self._good].to(torch.float64)) / self._m).to(torch.float32)
         return Y
 
     def blocks(self):
