@@ -81,7 +81,7 @@ def _run(world: int, body, *args) -> list:
     while not queue.empty():
         rank, value = queue.get()
         results[rank] = value
-    return [results[r] for r in range(world)]
+    return [results.get(r) for r in range(world)]  # None: a rank that died on purpose
 
 
 def _worker(rank, world, port, queue, body, args):
@@ -180,6 +180,20 @@ def _missing_peer(rank, world):
     return "no error"
 
 
+def _dead_peer(rank, world):
+    """Rank 1 dies in the middle of the reduce-scatter: rank 0 fails fast with a clear error."""
+    from tapestry.distributed import allreduce
+
+    if rank == 1:
+        allreduce.Comm.alltoall = lambda *args, **kwargs: os._exit(0)
+    t0 = time.perf_counter()
+    try:
+        all_reduce(torch.ones(1000), tp.Median(), timeout=20.0)
+    except CollectiveError as exc:
+        return time.perf_counter() - t0, str(exc)
+    return "no error"
+
+
 # -- the tests --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
@@ -224,6 +238,13 @@ def test_missing_peer_is_an_error_within_the_timeout():
     seconds, message = r0
     assert seconds < 6, f"rank 0 waited {seconds:.1f} s with a 2 s timeout"
     assert "rank 0" in message and "status exchange" in message and "2 s" in message
+
+
+def test_dead_peer_is_an_error():
+    r0, _ = _run(2, _dead_peer)
+    seconds, message = r0
+    assert seconds < 25, f"rank 0 waited {seconds:.1f} s with a 20 s timeout"
+    assert "reduce-scatter" in message and "rank 0" in message
 
 
 def test_single_process_and_bad_arguments():
