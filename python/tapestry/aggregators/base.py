@@ -25,6 +25,7 @@ class AggregationInfo:
     weights, clipping factors); ``inf`` for clients with non-finite values.
     ``nonfinite``: clients whose update holds a NaN or an Inf.
     ``backend``: the backend that ran the heaviest op.
+    ``bytes_sent``: bytes this process sent to others to compute it (distributed paths; else None).
     """
 
     rule: str
@@ -36,6 +37,7 @@ class AggregationInfo:
     nonfinite: list[int] = field(default_factory=list)
     backend: str | None = None
     iterations: int | None = None
+    bytes_sent: int | None = None
 
 
 def require(condition: bool, message: str) -> None:

@@ -145,8 +145,10 @@ def topk_count(d: int, k: int | None, ratio: float | None) -> int:
 
 
 def encode_flat(flat: torch.Tensor, spec: Spec, codec: str, *, block: int = 256, rounding: str = "stochastic",
-                seed: int | None = None, k: int | None = None, ratio: float | None = None) -> bytes:
-    """Encode a contiguous ``(d,)`` float32 CPU vector (see :func:`encode`)."""
+                seed: int | None = None, k: int | None = None, ratio: float | None = None,
+                out: torch.Tensor | None = None) -> bytes | torch.Tensor:
+    """Encode a contiguous ``(d,)`` float32 CPU vector (see :func:`encode`). ``out``: a uint8 CPU
+    buffer to write the payload into (fp16, bf16, int8, int4); the payload is then that slice of it."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; valid: {', '.join(CODECS)}")
     if rounding not in ROUNDINGS:
@@ -155,13 +157,15 @@ def encode_flat(flat: torch.Tensor, spec: Spec, codec: str, *, block: int = 256,
     if d > MAX_D:
         raise ValueError(f"{codec}: a payload holds at most {MAX_D} values, got d={d}")
     if codec in ("fp16", "bf16"):
-        payload, (values,) = allocate(codec, d, 0, 0, False, spec)
+        payload, (values,) = allocate(codec, d, 0, 0, False, spec, out)
         v = values.view(torch.float16 if codec == "fp16" else torch.bfloat16)
         v.copy_(flat)  # the cast, written into the payload
         if not all_finite(v):  # a non-finite value, or a finite one beyond the format's range
             _raise_nonfinite(flat, codec, overflow=torch.isfinite(flat) & ~torch.isfinite(v))
         return payload
     if codec == "topk":
+        if out is not None:
+            raise ValueError("topk: encoding into out= is not supported (its size depends on the data)")
         kk = topk_count(d, k, ratio)
         if not all_finite(flat):
             _raise_nonfinite(flat, codec)
@@ -173,7 +177,7 @@ def encode_flat(flat: torch.Tensor, spec: Spec, codec: str, *, block: int = 256,
     key = None
     if rounding == "stochastic":
         key = seed_key(secrets.randbits(64) if seed is None else seed)
-    payload, (scales, codes) = allocate(codec, d, block, 0, key is not None, spec)
+    payload, (scales, codes) = allocate(codec, d, block, 0, key is not None, spec, out)
     scales = scales.view(torch.float32)  # its offset is a multiple of 8
     name = "quantize_int8" if codec == "int8" else "quantize_int4"
     ops.call(name, flat, block, key, out=(codes.view(torch.int8) if codec == "int8" else codes, scales))
@@ -190,16 +194,19 @@ def _raise_nonfinite(flat: torch.Tensor, codec: str, overflow: torch.Tensor | No
 
 
 def encode(update: Any, codec: str, *, block: int = 256, rounding: str = "stochastic", seed: int | None = None,
-           k: int | None = None, ratio: float | None = None) -> bytes:
+           k: int | None = None, ratio: float | None = None, out: torch.Tensor | None = None) -> bytes | torch.Tensor:
     """Compress ``update`` (tensor, array, state_dict or list of arrays) into a payload.
 
     ``codec``: "fp16", "bf16", "int8", "int4" or "topk". ``block``: values per scale for int8/int4
     (even, 2..4096, default 256). ``rounding``: "stochastic" (unbiased; reproducible from ``seed``,
     a fresh random seed when None) or "nearest". ``k`` or ``ratio`` (default 0.01): values kept by
     topk. Non-finite values (or float16 overflow) are a ``ValueError``: a client never sends them.
+    ``out``: a contiguous uint8 CPU tensor to write the payload into, reused round after round
+    (:func:`tapestry.compression.wire.payload_nbytes` gives the size; not for topk); the result is
+    then the slice of ``out`` that holds the payload.
     """
     flat, spec = flatten(update)
-    return encode_flat(flat, spec, codec, block=block, rounding=rounding, seed=seed, k=k, ratio=ratio)
+    return encode_flat(flat, spec, codec, block=block, rounding=rounding, seed=seed, k=k, ratio=ratio, out=out)
 
 
 def decode_rows(ps: list[Payload], outs: list[torch.Tensor], start: int, stop: int) -> None:

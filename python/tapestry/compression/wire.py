@@ -113,24 +113,44 @@ def _pad8(n: int) -> int:
     return -n % 8
 
 
-def allocate(codec: str, d: int, block: int, k: int, stochastic: bool, spec: Spec) -> tuple[bytes, list[torch.Tensor]]:
+def _head(codec: str, d: int, block: int, k: int, stochastic: bool, spec: Spec) -> bytes:
+    """The header and the padded spec of a payload."""
+    spec_bytes = spec.to_json()
+    head = HEADER.pack(MAGIC, VERSION, CODECS[codec], FLAG_STOCHASTIC if stochastic else 0, d, block,
+                       len(spec_bytes), k, 0, 0)
+    crc = zlib.crc32(spec_bytes, zlib.crc32(head[:32]))
+    return head[:32] + struct.pack("<II", crc, 0) + spec_bytes + bytes(_pad8(len(spec_bytes)))
+
+
+def payload_nbytes(codec: str, d: int, block: int, k: int, spec: Spec) -> int:
+    """The exact length of a payload with these header fields and spec."""
+    return len(_head(codec, d, block, k, False, spec)) + sum(data_sizes(codec, d, block, k))
+
+
+def allocate(codec: str, d: int, block: int, k: int, stochastic: bool, spec: Spec,
+             out: torch.Tensor | None = None) -> tuple[bytes | torch.Tensor, list[torch.Tensor]]:
     """A payload with its header and spec written and its data sections left for the caller to
     fill: ``(payload, [writable uint8 tensor over each data section, in wire order])``.
 
     Encoders write their output straight into the payload this way (no second copy). The bytes
     object is new and nobody else holds it until the caller returns it, which is how CPython's own
-    C code fills a bytes object; it must not be written to after that."""
-    spec_bytes = spec.to_json()
-    head = HEADER.pack(MAGIC, VERSION, CODECS[codec], FLAG_STOCHASTIC if stochastic else 0, d, block,
-                       len(spec_bytes), k, 0, 0)
-    crc = zlib.crc32(spec_bytes, zlib.crc32(head[:32]))
-    head = head[:32] + struct.pack("<II", crc, 0) + spec_bytes + bytes(_pad8(len(spec_bytes)))
+    C code fills a bytes object; it must not be written to after that. With ``out`` (a contiguous
+    uint8 CPU tensor at least :func:`payload_nbytes` long) the payload is written into its first
+    bytes instead, and ``payload`` is that slice of ``out``."""
+    head = _head(codec, d, block, k, stochastic, spec)
     sizes = data_sizes(codec, d, block, k)
-    payload = _pages.empty_bytes(len(head) + sum(sizes))
-    with warnings.catch_warnings():  # a writable view of the new bytes object (see above)
-        warnings.simplefilter("ignore")
-        view = torch.frombuffer(payload, dtype=torch.uint8)
-    view[: len(head)] = torch.frombuffer(head, dtype=torch.uint8)
+    if out is None:
+        payload = _pages.empty_bytes(len(head) + sum(sizes))
+        with warnings.catch_warnings():  # a writable view of the new bytes object (see above)
+            warnings.simplefilter("ignore")
+            view = torch.frombuffer(payload, dtype=torch.uint8)
+    else:
+        if not (out.dtype == torch.uint8 and out.device.type == "cpu" and out.dim() == 1 and out.is_contiguous()
+                and out.numel() >= len(head) + sum(sizes) and out.data_ptr() % 8 == 0):
+            raise ValueError(f"out must be a contiguous, 8-byte aligned 1-D uint8 CPU tensor of at least "
+                             f"{len(head) + sum(sizes)} bytes, got {tuple(out.shape)} {out.dtype} on {out.device}")
+        payload = view = out[: len(head) + sum(sizes)]
+    view[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
     return payload, list(view[len(head) :].split(sizes))
 
 

@@ -6,10 +6,14 @@
 * :func:`aggregate`: for updates already sharded across ranks (FSDP): each rank passes its
   ``(n, d_local)`` part and gets its part of the aggregate; distance-based rules all-reduce one
   small float64 partial per pass so every rank selects the same clients.
+* :func:`all_reduce`: each rank is one participant with its whole update (DiLoCo's pseudo-gradients);
+  every rank gets the same robust aggregate for the bytes of a plain ring all-reduce
+  (:mod:`.allreduce`).
 """
 
 from __future__ import annotations
 
+from .allreduce import CollectiveError, all_reduce
 from .formats import InputError, Layout, check_layouts, open_input
 from .sharded import ShardColumns, aggregate
 from .stream import FileColumns, Job, Result, plan, run_job
@@ -25,5 +29,5 @@ def aggregate_files(inputs, output, rule, *, memory_budget: int = 1 << 30, nproc
                       nproc=nproc, device=device)
 
 
-__all__ = ["aggregate", "aggregate_files", "ShardColumns", "FileColumns", "Job", "Result", "InputError", "Layout",
+__all__ = ["all_reduce", "CollectiveError", "aggregate", "aggregate_files", "ShardColumns", "FileColumns", "Job", "Result", "InputError", "Layout",
            "check_layouts", "open_input", "plan", "run_job"]
