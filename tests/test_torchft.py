@@ -111,7 +111,10 @@ def _assert_same_global_state(results: list[dict]) -> None:
             assert torch.equal(r["outer"]["state"][k]["momentum_buffer"], v["momentum_buffer"]), "outer momentum differs"
 
 
-def test_byzantine_replica_group_is_outvoted_by_the_median():
+def test_byzantine_replica_group_is_outvoted_by_the_median(monkeypatch):
+    calls = []                                 # spy: every step goes through the sharded all-reduce
+    sharded = tft._all_reduce
+    monkeypatch.setattr(tft, "_all_reduce", lambda *a, **k: (calls.append(k["group"].rank()), sharded(*a, **k))[1])
     torch.manual_seed(0)
     init = _model().state_dict()
     lighthouse = _lighthouse(3)
@@ -124,6 +127,7 @@ def test_byzantine_replica_group_is_outvoted_by_the_median():
         lighthouse.shutdown()
 
     _assert_same_global_state(results)
+    assert sorted(calls) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     steps = [[r["step"] for r in res["rounds"]] for res in results]
     assert steps[0] == steps[1] == steps[2] == [0, 1, 2], steps
     for k in range(3):

@@ -63,11 +63,7 @@ except importlib.metadata.PackageNotFoundError as exc:  # pragma: no cover - dep
 
 from ..aggregators import Rule, make_rule
 from ..aggregators.base import AggregationInfo
-
-try:  # the sharded robust all-reduce (reduce-scatter, rule per shard, all-gather)
-    from ..distributed.allreduce import all_reduce as _all_reduce
-except ImportError:  # STAND-IN while tapestry.distributed.all_reduce is not on main: all-gather path
-    _all_reduce = None
+from ..distributed.allreduce import all_reduce as _all_reduce
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +222,7 @@ class TapestryManager(Manager):
             raise ValueError("no replica group participates in this quorum (all are healing or spares)")
         update = {str(i): t.detach() for i, t in enumerate(tensors)}
         group = _Group(pg, rank)
-        if _all_reduce is not None and len(replicas) == len(tokens):
+        if len(replicas) == len(tokens):    # everyone contributes: the sharded all-reduce
             agg, info = _all_reduce(update, self.rule, codec=self.codec, group=group, return_info=True,
                                     timeout=self._tp_timeout)
         else:
@@ -243,8 +239,7 @@ def _gather_and_aggregate(update: dict[str, torch.Tensor], rule: Rule, *, codec:
     """Every rank all-gathers every rank's row (encoded and decoded first with ``codec``) and
     applies the rule to the rows of ``replicas``: O(n d) traffic per rank. Used when some group
     takes part in the communication without contributing (healing, spare), which
-    :func:`tapestry.distributed.all_reduce` cannot express yet, and as a STAND-IN for it while
-    it is not on main."""
+    :func:`tapestry.distributed.all_reduce` cannot express."""
     from ..updates import as_matrix
 
     X, spec = as_matrix([update])
@@ -255,4 +250,5 @@ def _gather_and_aggregate(update: dict[str, torch.Tensor], rule: Rule, *, codec:
         row = decode_flat(encode(row, codec, seed=seed))[0]
     rows = _all_gather(group, row)
     agg, info = rule(torch.stack([rows[r] for r in replicas]), return_info=True)
+    info.bytes_sent = (group.size() - 1) * row.numel() * row.element_size()
     return spec.unflatten(agg), info
