@@ -204,51 +204,20 @@ class TapestryManager(Manager):
 
     def _robust_all_reduce(self, tensors: list[torch.Tensor]) -> None:
         pg = self._tp_pg
-        d = sum(t.numel() for t in tensors)
         participate = self.is_participating() and not self._tp_healed
-        # one small all-gather: who is who (torchft's groups report rank 0 everywhere), who
-        # contributes a row, and that every group holds the same number of values
-        meta = torch.tensor([self._tp_token, int(participate), d], dtype=torch.int64)
+        # one small all-gather: who is who (torchft's groups report rank 0 everywhere) and who
+        # contributes a row (all_reduce checks everything else before any large transfer)
+        meta = torch.tensor([self._tp_token, int(participate)], dtype=torch.int64)
         metas = torch.stack(_all_gather(pg, meta))
         tokens = metas[:, 0].tolist()
         if len(set(tokens)) != len(tokens):
             raise RuntimeError("two ranks of the replica process group drew the same token; retry the step")
-        sizes = metas[:, 2].tolist()
-        if len(set(sizes)) != 1:
-            raise ValueError(f"replica groups disagree on the pseudo-gradient size: {sizes} values (by replica rank)")
         rank = tokens.index(self._tp_token)
-        replicas = [r for r, flag in enumerate(metas[:, 1].tolist()) if flag]
-        if not replicas:
-            raise ValueError("no replica group participates in this quorum (all are healing or spares)")
         update = {str(i): t.detach() for i, t in enumerate(tensors)}
-        group = _Group(pg, rank)
-        if len(replicas) == len(tokens):    # everyone contributes: the sharded all-reduce
-            agg, info = _all_reduce(update, self.rule, codec=self.codec, group=group, return_info=True,
-                                    timeout=self._tp_timeout)
-        else:
-            agg, info = _gather_and_aggregate(update, self.rule, codec=self.codec, group=group, replicas=replicas,
-                                              seed=(self.current_step() << 20) + rank)
+        agg, info = _all_reduce(update, self.rule, codec=self.codec, group=_Group(pg, rank), participate=participate,
+                                seed=self.current_step(), timeout=self._tp_timeout, return_info=True)
         with torch.no_grad():
             for i, t in enumerate(tensors):
                 t.copy_(agg[str(i)].reshape(t.shape))
-        self.last_info, self.last_replicas = info, replicas
-
-
-def _gather_and_aggregate(update: dict[str, torch.Tensor], rule: Rule, *, codec: str | None, group: _Group,
-                          replicas: list[int], seed: int) -> tuple[dict[str, torch.Tensor], AggregationInfo]:
-    """Every rank all-gathers every rank's row (encoded and decoded first with ``codec``) and
-    applies the rule to the rows of ``replicas``: O(n d) traffic per rank. Used when some group
-    takes part in the communication without contributing (healing, spare), which
-    :func:`tapestry.distributed.all_reduce` cannot express."""
-    from ..updates import as_matrix
-
-    X, spec = as_matrix([update])
-    row = X[0].to(torch.float32).cpu().contiguous()
-    if codec is not None:
-        from ..compression import decode_flat, encode
-
-        row = decode_flat(encode(row, codec, seed=seed))[0]
-    rows = _all_gather(group, row)
-    agg, info = rule(torch.stack([rows[r] for r in replicas]), return_info=True)
-    info.bytes_sent = (group.size() - 1) * row.numel() * row.element_size()
-    return spec.unflatten(agg), info
+        self.last_info = info
+        self.last_replicas = [r for r, flag in enumerate(metas[:, 1].tolist()) if flag]
