@@ -105,7 +105,9 @@ def _as_tensor(x: Any, what: str) -> torch.Tensor:
     elif isinstance(x, np.ndarray):
         if x.dtype.kind not in "f":
             raise TypeError(f"{what}: NumPy dtype {x.dtype} is not a floating type (float16/32/64 expected)")
-        t = torch.from_numpy(np.ascontiguousarray(x) if x.ndim else x.reshape(1))
+        if not x.flags.c_contiguous:  # (not np.ascontiguousarray: it turns a 0-dim array into shape (1,))
+            x = x.copy(order="C")
+        t = torch.from_numpy(x)
     else:
         raise TypeError(f"{what}: expected a tensor or NumPy array, got {type(x).__name__}")
     if not t.dtype.is_floating_point:
