@@ -254,4 +254,4 @@ class RoundAggregator:
             return np.asarray(acc)
         rows = np.stack([arrays[i] for i in (selected or range(len(arrays)))])
         # lower median per coordinate: the ceil(m/2)-th smallest, a value one of the replies holds
-        return np.sort(rows, axis=0)[(len(rows) - 1) // 2].astype(arrays[0].dtype)
+        return np.asarray(np.sort(rows, axis=0)[(len(rows) - 1) // 2], dtype=arrays[0].dtype)

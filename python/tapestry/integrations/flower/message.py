@@ -123,7 +123,7 @@ class TapestryStrategy(FedAvg):
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if not result.skipped else MetricRecord()
         for k, v in result.metrics().items():
             metrics[k] = v
-        arrays = None if result.arrays is None else ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()})
+        arrays = None if result.arrays is None else ArrayRecord({k: Array(_c_order(v)) for k, v in result.arrays.items()})
         return arrays, metrics
 
     def _aggregate_compressed(self, server_round: int, records: list[ArrayRecord], nodes: list,
@@ -190,6 +190,12 @@ class TapestryStrategy(FedAvg):
                                   allow_nonfinite=True)  # as FedAvg: a NaN aggregate reaches the model
         return {k: (self._outer_params[k].numpy().astype(glob[k].dtype, copy=True) if k in self._outer_params else agg[k])
                 for k in glob}
+
+
+def _c_order(a: np.ndarray) -> np.ndarray:
+    """``a`` in C order, 0-dim arrays included (``np.ascontiguousarray`` makes those shape (1,))."""
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else a.copy(order="C")
 
 
 def _minus(arrays: dict[str, np.ndarray], glob: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
