@@ -278,3 +278,26 @@ def test_twenty_rounds_of_krum_with_one_node_dropping_out_each_round():
         assert len(m["tapestry-selected"]) == 1 and len(m["tapestry-rejected"]) == 5 and m["tapestry-skipped"] == 0
         assert 1000 + r % 7 not in m["tapestry-selected"] + m["tapestry-rejected"]
     assert error(result.arrays) < 0.01 * error(initial)
+
+
+def test_openmp_threads_spin_briefly_unless_the_user_chose():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, tapestry, torch; print(os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "10000"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "active"}, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "None"
+
+
+def test_small_model_benchmark_runs_with_its_own_background_load():
+    from tapestry.integrations.flower.bench_small import SHAPES, run
+
+    assert sum(int(np.prod(s)) for s in SHAPES.values()) == 4810
+    rows = {r["strategy"]: r for r in run(calls=3, load=True)}
+    assert rows["tapestry mean"]["vs"] == "flower FedAvg" and rows["tapestry krum"]["vs"] == "flower FedMedian"
+    assert all(r["calls"] == 3 and r["load"] and r["median_ms"] > 0 for r in rows.values())
