@@ -16,7 +16,7 @@ from flwr.server.strategy import FedAvg
 from ...aggregators import Rule
 from .core import RoundAggregator, RoundResult, build_rule, split_kwargs
 
-_FEDAVG_PARAMS = [p for p in inspect.signature(FedAvg.__init__).parameters if p not in ("self", "inplace")]
+_FEDAVG_PARAMS = [p for p in inspect.signature(FedAvg.__init__).parameters if p != "self"]  # inplace: accepted, no effect
 
 
 class TapestryFedAvg(FedAvg):
