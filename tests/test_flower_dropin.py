@@ -189,6 +189,8 @@ def test_unknown_names_are_refused_at_construction_listing_the_accepted_ones():
         TapestryStrategy("fedfoo", on_unmet="median")
     with pytest.raises(ValueError, match="unknown rule 'nope'"):
         TapestryStrategy("median", on_unmet="nope")
+    with pytest.raises(TypeError, match=r"rule 'krum' needs f \(Flower's name: num_malicious_nodes or num_malicious_clients\)"):
+        TapestryStrategy("krum")
     with pytest.raises(TypeError, match="repeats rule parameter 'f'"):
         TapestryStrategy("krum", f=1, num_malicious_nodes=2)
 

@@ -79,6 +79,14 @@ def build_rule(rule: str | Rule, params: dict) -> Rule:
     if not isinstance(rule, str):
         raise TypeError(f"rule must be a rule name or a tapestry Rule, got {type(rule).__name__}")
     params = dict(params)
+    base = RULES.get(rule[4:] if rule.startswith("nnm+") else rule)
+    required = ["f"] if rule.startswith("nnm+") else [
+        p.name for p in inspect.signature(base.__init__).parameters.values()
+        if p.name != "self" and p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD] if base else []
+    for p in required:
+        if p not in params:  # Flower's Krum/Bulyan default f to 0: a robust rule here says how robust
+            flower = [k for k, v in ALIASES.items() if v == p]
+            raise TypeError(f"rule {rule!r} needs {p}" + (f" (Flower's name: {' or '.join(flower)})" if flower else ""))
     if rule in ("krum", "multi_krum") and "m" in params:
         m = params.pop("m")
         if rule == "krum" and not m:  # Flower's Krum: num_clients_to_keep=0 means plain Krum

@@ -60,7 +60,7 @@ class TapestryFedAvg(FedAvg):
             return None, {}
         if not self.accept_failures and failures:
             return None, {}
-        nodes = [proxy.cid for proxy, _ in results]
+        nodes = [c if isinstance(c := getattr(proxy, "cid", None), str) else str(i) for i, (proxy, _) in enumerate(results)]
         arrays = [dict(enumerate(parameters_to_ndarrays(res.parameters))) for _, res in results]
         weights = [float(res.num_examples) for _, res in results]
         result = self.last_round = self.core.aggregate(server_round, nodes, arrays, weights)

@@ -99,7 +99,8 @@ class TapestryStrategy(FedAvg):
         if not valid:
             return None, None
         contents = [m.content for m in valid]
-        nodes = [m.metadata.src_node_id for m in valid]
+        # node ids (a reply without one, such as a test's mock, is named by its position)
+        nodes = [n if isinstance(n := getattr(m.metadata, "src_node_id", None), int) else i for i, m in enumerate(valid)]
         records = [c[self.arrayrecord_key] if self.arrayrecord_key in c.array_records else next(iter(c.array_records.values()))
                    for c in contents]
         weights = [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
