@@ -152,3 +152,21 @@ def test_flower_message_api_cases():
     assert a.dtype == b.dtype == np.float64
     np.testing.assert_allclose(a, b, rtol=1e-7)
     assert ArrayRecord([k]).object_id == ArrayRecord([agg(modern.Krum(num_malicious_nodes=0), rows)]).object_id
+
+
+def test_the_first_round_reports_an_f_the_sampled_count_never_satisfies(caplog):
+    from flwr.server.client_manager import SimpleClientManager
+
+    manager = SimpleClientManager()
+    for i in range(6):
+        manager.register(Proxy(str(i)))
+    params = ndarrays_to_parameters([np.zeros(3, np.float32)])
+    s = TapestryFedAvg("krum", num_malicious_clients=2, on_unmet="median")
+    assert len(s.configure_fit(1, params, manager)) == 6
+    assert "krum needs n >= 2f+3, got n=6, f=2: with 6 sampled nodes every round falls back to Median()" in caplog.text
+    caplog.clear()
+    s.configure_fit(2, params, manager)
+    assert "sampled nodes" not in caplog.text  # once per run
+    ok = TapestryFedAvg("krum", num_malicious_clients=1)
+    ok.configure_fit(1, params, manager)
+    assert "sampled nodes" not in caplog.text
