@@ -258,8 +258,17 @@ def _accuracy(arrays: ArrayRecord) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
+@pytest.fixture
+def one_thread():
+    """Clients sharing this process train with one torch thread each (as in Flower's simulation)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("rule,params", [("mean", {}), ("trimmed_mean", {"beta": 0.2})])
-def test_a_batchnorm_cnn_trains_through_the_strategy(rule, params):
+def test_a_batchnorm_cnn_trains_through_the_strategy(rule, params, one_thread):
     torch.manual_seed(0)
     initial = ArrayRecord(_CNN().state_dict())
     s = TapestryStrategy(rule, fraction_evaluate=0.0, min_available_nodes=5, **params)
@@ -300,6 +309,6 @@ def test_small_model_benchmark_runs_with_its_own_background_load():
     from tapestry.integrations.flower.bench_small import SHAPES, run
 
     assert sum(int(np.prod(s)) for s in SHAPES.values()) == 4810
-    rows = {r["strategy"]: r for r in run(calls=3, load=True)}
+    rows = {r["strategy"]: r for r in run(calls=3, load=True, warmup=1)}
     assert rows["tapestry mean"]["vs"] == "flower FedAvg" and rows["tapestry krum"]["vs"] == "flower FedMedian"
     assert all(r["calls"] == 3 and r["load"] and r["median_ms"] > 0 for r in rows.values())

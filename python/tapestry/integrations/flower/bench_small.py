@@ -47,7 +47,7 @@ def _replies(n: int, seed: int):
     return out
 
 
-def run(calls: int = 400, load: bool = True, n: int = 10) -> list[dict]:
+def run(calls: int = 400, load: bool = True, n: int = 10, warmup: int = 20) -> list[dict]:
     import logging
 
     from flwr.serverapp.strategy import FedAvg, FedMedian
@@ -71,12 +71,12 @@ def run(calls: int = 400, load: bool = True, n: int = 10) -> list[dict]:
         time.sleep(0.2)
     times: dict[str, list[float]] = {k: [] for k in strategies}
     try:
-        for c in range(calls + 20):
+        for c in range(calls + warmup):
             for name, s in strategies.items():
                 replies = _replies(n, c)
                 t0 = time.perf_counter()
                 s.aggregate_train(1, replies)
-                if c >= 20:  # warm-up calls are not counted
+                if c >= warmup:  # warm-up calls are not counted
                     times[name].append(time.perf_counter() - t0)
     finally:
         stop.set()

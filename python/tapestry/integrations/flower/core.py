@@ -103,7 +103,7 @@ def takes_weights(rule: Rule) -> bool:
 class RoundResult:
     """One round's outcome: ``arrays`` (None when the round is skipped) and its decisions, as node
     ids: ``selected``/``rejected`` (replies the rule kept or left out; per-coordinate rules keep
-    all), ``nonfinite`` (replies holding NaN/Inf), ``dropped`` (replies unlike the others)."""
+    every reply), ``nonfinite`` (replies holding NaN/Inf), ``dropped`` (replies unlike the others)."""
 
     arrays: dict[str, np.ndarray] | None
     rule: str
@@ -234,9 +234,11 @@ class RoundAggregator:
         else:  # nothing floating: every reply counts (integer arrays cannot be non-finite)
             agg, info = X[0], None
             nonfinite = []
-        selected = list(info.selected) if info is not None and info.selected is not None else \
-            [i for i in range(n) if i not in set(nonfinite)]
-        rejected = list(info.rejected) if info is not None and info.rejected is not None else []
+        selects = info is not None and info.selected is not None
+        selected = list(info.selected) if selects else list(range(n))  # per-coordinate rules: every reply
+        rejected = list(info.rejected) if selects else []
+        bad = set(nonfinite)
+        kept = [i for i in selected if i not in bad] or selected  # whose integer arrays count
         out: dict[str, np.ndarray] = {}
         if isinstance(rule, Krum) and info is not None:  # the selected reply, exactly as sent
             out = {k: np.array(records[selected[0]][k], copy=True) for k in keys}
@@ -246,7 +248,7 @@ class RoundAggregator:
                 out[k] = agg[o:o + s].reshape(first[k].shape).astype(first[k].dtype)
                 o += s
             for k in ikeys:
-                out[k] = self._integer(rule, [r[k] for r in records], selected, weights)
+                out[k] = self._integer(rule, [r[k] for r in records], kept, weights)
             out = {k: out[k] for k in keys}
         return RoundResult(out, info.rule if info is not None else rule.name, selected=[nodes[i] for i in selected],
                            rejected=[nodes[i] for i in rejected], nonfinite=[nodes[i] for i in nonfinite], info=info)

@@ -163,7 +163,7 @@ class TapestryStrategy(FedAvg):
             out = self._outer_step(delta, glob)
         else:
             out = {k: (glob[k].astype(np.float32) + delta[k]).astype(glob[k].dtype) for k in keys}
-        sel = info.selected if info.selected is not None else [i for i in range(len(nodes)) if i not in info.nonfinite]
+        sel = info.selected if info.selected is not None else range(len(nodes))  # per-coordinate: every reply
         return RoundResult(out, info.rule, selected=[nodes[i] for i in sel], rejected=[nodes[i] for i in info.rejected or []],
                            nonfinite=[nodes[i] for i in info.nonfinite], dropped=dropped, info=info)
 
