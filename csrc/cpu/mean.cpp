@@ -13,6 +13,7 @@
 #include "quant_api.h"
 #include "quant_rows.h"
 #include "simd.h"
+#include "threads.h"
 
 namespace tapestry {
 namespace {
@@ -91,7 +92,9 @@ void run_mean(MeanJob J) {
     const Isa isa = active();
     const BlockFn fn = isa == kAvx512 ? mean_block_avx512 : isa == kAvx2 ? mean_block_avx2 : mean_block_portable;
     const int64_t nblocks = (J.d + B - 1) / B;
-#pragma omp parallel if (nblocks > 1)
+    // bytes read: 512 KiB per thread (a single core sums that in tens of microseconds)
+    const int T = nblocks > 1 ? threads_for(J.m * J.d * (J.q ? 1 : (J.dtype == kFloat32 ? 4 : 2)), 512 << 10) : 1;
+#pragma omp parallel num_threads(T) if (T > 1)
     {
         Scratch<double> acc(B);
         Scratch<float> v(J.q ? B : 0);

@@ -32,6 +32,7 @@
 #include "quant_api.h"
 #include "quant_rows.h"
 #include "simd.h"
+#include "threads.h"
 
 namespace tapestry {
 namespace {
@@ -550,7 +551,9 @@ void run_select(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, 
     const int64_t W = dtype == kFloat32 ? kTileW<int32_t> : kTileW<int16_t>;
     const int64_t ntiles = (d + W - 1) / W;
     const DecodeFn decode = isa == kAvx512 ? decode_tile_avx512 : isa == kAvx2 ? decode_tile_avx2 : decode_tile_portable;
-#pragma omp parallel if (ntiles > 1)
+    // bytes read: 128 KiB per thread (sorting networks cost more per byte than a mean)
+    const int T = ntiles > 1 ? threads_for(m * d * static_cast<int64_t>(es), 128 << 10) : 1;
+#pragma omp parallel num_threads(T) if (T > 1)
     {
         Scratch<char> t(static_cast<size_t>(m) * W * es);
         Scratch<float> qt(q ? static_cast<size_t>(m) * W : 0);

@@ -11,6 +11,16 @@ See README.md for the command line and ``shared/SPEC.md`` for what each rule com
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(_os.environ):
+    # Before the OpenMP runtime starts (torch's libgomp, which tapestry._C shares): a thread whose
+    # share of a parallel region is done sleeps after ~10 microseconds of spinning, not the default
+    # ~1 ms, so it does not hold a core that a busy machine's other work needs. Set either variable
+    # to keep your own policy (docs/flower.md, "Small models on a busy machine").
+    _os.environ["GOMP_SPINCOUNT"] = "10000"
+
 from .aggregators import (
     NNM, RULES, AggregationInfo, Bulyan, CenteredClipping, GeometricMedian, Krum, Mean, Median, MultiKrum, Rule,
     TrimmedMean, bulyan, centered_clipping, geometric_median, krum, make_rule, mean, median, multi_krum, nnm,

@@ -19,6 +19,7 @@ Nothing here modifies the caller's tensors.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,7 +106,14 @@ def _as_tensor(x: Any, what: str) -> torch.Tensor:
     elif isinstance(x, np.ndarray):
         if x.dtype.kind not in "f":
             raise TypeError(f"{what}: NumPy dtype {x.dtype} is not a floating type (float16/32/64 expected)")
-        t = torch.from_numpy(np.ascontiguousarray(x) if x.ndim else x.reshape(1))
+        if not x.flags.c_contiguous:  # (not np.ascontiguousarray: it turns a 0-dim array into shape (1,))
+            x = x.copy(order="C")
+        if x.flags.writeable:
+            t = torch.from_numpy(x)
+        else:  # read-only (Flower's arrays): never written here, so torch's warning does not apply
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(x)
     else:
         raise TypeError(f"{what}: expected a tensor or NumPy array, got {type(x).__name__}")
     if not t.dtype.is_floating_point:

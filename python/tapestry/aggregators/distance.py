@@ -65,9 +65,17 @@ def _check_krum(n: int, f: int, rule: str) -> None:
     require(n >= 2 * f + 3, f"{rule} needs n >= 2f+3, got n={n}, f={f}")
 
 
-def _select_mean(src: Columns, chosen: list[int]) -> torch.Tensor:
+def _select_mean(src: Columns, chosen: list[int], weights=None) -> torch.Tensor:
+    """The mean of the rows ``chosen``, weighted by their entries of ``weights`` when given."""
     w = torch.zeros(src.n, dtype=torch.float64)
-    w[chosen] = 1.0 / len(chosen)
+    if weights is None:
+        w[chosen] = 1.0 / len(chosen)
+    else:
+        from .coordinate import normalised_weights
+
+        picked = normalised_weights(weights, src.n)[chosen]
+        require(float(picked.sum()) > 0, f"multi_krum: the selected clients {chosen} all have weight 0")
+        w[chosen] = picked / picked.sum()
     return apply("weighted_mean", src, w)[0]
 
 
@@ -99,7 +107,8 @@ class Krum(Rule):
 class MultiKrum(Rule):
     """Multi-Krum: Krum scores computed once; the mean of the ``m`` updates with the lowest scores
     (Flower's and ByzFL's convention). Needs ``n >= 2f + 3`` and ``1 <= m <= n``; ``m=None``
-    means ``n - f``."""
+    means ``n - f``. ``weights`` (e.g. example counts, as Flower's MultiKrum uses) weight the mean
+    of the selected updates; the selection itself ignores them."""
 
     name = "multi_krum"
 
@@ -107,7 +116,7 @@ class MultiKrum(Rule):
         self.f = check_f(f, self.name)
         self.m = m
 
-    def aggregate(self, src, *, want_info):
+    def aggregate(self, src, *, want_info, weights=None):
         n = src.n
         _check_krum(n, self.f, self.name)
         m = n - self.f if self.m is None else self.m
@@ -116,7 +125,7 @@ class MultiKrum(Rule):
         scores = krum_scores(dist.D, dist.nonfinite, torch.ones(n, dtype=torch.bool), self.f)
         order = ranking(scores, dist.nonfinite).tolist()
         chosen = sorted(order[:m])
-        agg = _select_mean(src, chosen)
+        agg = _select_mean(src, chosen, weights)
         info = AggregationInfo(self.name, n, f=self.f, selected=chosen, rejected=sorted(order[m:]),
                                scores=scores, nonfinite=indices(dist.nonfinite), backend=dist.backend)
         return agg, info
@@ -221,9 +230,9 @@ def krum(updates, f: int, *, return_info: bool = False):
     return Krum(f)(updates, return_info=return_info)
 
 
-def multi_krum(updates, f: int, m: int | None = None, *, return_info: bool = False):
+def multi_krum(updates, f: int, m: int | None = None, *, weights=None, return_info: bool = False):
     """Multi-Krum; see :class:`MultiKrum`."""
-    return MultiKrum(f, m)(updates, return_info=return_info)
+    return MultiKrum(f, m)(updates, weights=weights, return_info=return_info)
 
 
 def bulyan(updates, f: int, *, return_info: bool = False):
