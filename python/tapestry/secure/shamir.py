@@ -50,3 +50,34 @@ def combine(shares: dict[int, bytes], t: int, length: int = 32) -> bytes:
     if s >= 1 << (8 * length):
         raise ValueError("shares do not combine to a valid secret (inconsistent or corrupted shares)")
     return s.to_bytes(length, "little")
+
+
+def _lagrange_at(xs: list[int], x: int) -> list[int]:
+    """Weights ``w_j`` with ``f(x) = sum_j w_j f(xs_j)`` for every polynomial of degree < len(xs)."""
+    out = []
+    for j, xj in enumerate(xs):
+        num, den = 1, 1
+        for m, xm in enumerate(xs):
+            if m != j:
+                num = num * (x - xm) % P
+                den = den * (xj - xm) % P
+        out.append(num * pow(den, -1, P) % P)
+    return out
+
+
+def off_polynomial(shares: dict[int, bytes], t: int) -> list[int]:
+    """The points among ``shares`` (more than ``t`` of them) that do not lie on the polynomial
+    through the first ``t``; empty when all lie on one polynomial of degree < t."""
+    pts = sorted((x, int.from_bytes(y, "little")) for x, y in shares.items())
+    base, rest = pts[:t], pts[t:]
+    xs = [x for x, _ in base]
+    return [x for x, y in rest if sum(w * yb for w, (_, yb) in zip(_lagrange_at(xs, x), base)) % P != y]
+
+
+def combine_checked(shares: dict[int, bytes], t: int, length: int = 32) -> bytes:
+    """:func:`combine` over every share given: with more than ``t`` shares, all must lie on one
+    polynomial of degree < t (ValueError naming the points that do not)."""
+    bad = off_polynomial(shares, t) if len(shares) > t else []
+    if bad:
+        raise ValueError(f"shares at points {bad} do not lie on the polynomial through the first t={t}")
+    return combine(shares, t, length)
