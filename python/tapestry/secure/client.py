@@ -58,7 +58,7 @@ class Client:
     def _expect(self, data, kind: str, stage: str, per_peer: int) -> Message:
         if self.stage != stage:
             self._fail(f"unexpected {kind} message in stage {self.stage!r} (replayed or out of order)")
-        msg = parse(data, expect=kind, limit=SLACK + per_peer * self.max_peers)
+        msg = parse(data, expect=kind, limit=SLACK + per_peer * self.max_peers, max_ids=self.max_peers + 1)
         if msg.round_id != self.round or msg.recipient != self.id or msg.sender != SERVER:
             self._fail(f"{kind} message for round {msg.round_id}, recipient {msg.recipient}, from {msg.sender} "
                        f"(expected round {self.round} from the server)")

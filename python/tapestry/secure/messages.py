@@ -104,9 +104,10 @@ def peek(data) -> tuple[str, int, int]:
     return KINDS.get(kind, ("?",))[0], round_id, sender
 
 
-def parse(data, *, expect: str | None = None, limit: int | None = None) -> Message:
+def parse(data, *, expect: str | None = None, limit: int | None = None, max_ids: int | None = None) -> Message:
     """A :class:`Message` from bytes, every length and field validated; ``limit``: the most bytes
-    accepted (checked first, before anything is read)."""
+    accepted (checked first, before anything is read); ``max_ids``: the longest id list accepted
+    (checked before the list is built)."""
     if limit is not None and len(data) > limit:
         kind, _, sender = peek(data)
         raise ProtocolError(f"{kind} message claiming sender {sender} has {len(data)} bytes, more than the "
@@ -167,8 +168,8 @@ def parse(data, *, expect: str | None = None, limit: int | None = None) -> Messa
             fields[key] = blob(v)
         elif typ == "ints":
             b = blob(v)
-            if len(b) % 4:
-                raise ProtocolError(f"{name}.{key}: {len(b)} bytes is not a u32 list")
+            if len(b) % 4 or (max_ids is not None and len(b) > 4 * max_ids):
+                raise ProtocolError(f"{name}.{key}: {len(b)} bytes is not a u32 list of at most {max_ids} ids")
             fields[key] = np.frombuffer(b, dtype="<u4").tolist()
         else:
             if not (isinstance(v, dict) and set(v) == {"$b", "$n"} and type(v["$n"]) is int

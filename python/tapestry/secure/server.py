@@ -62,12 +62,12 @@ class Server:
 
     # -- arrival -------------------------------------------------------------------------------
 
-    def _limit(self) -> int:
+    def _limit(self) -> tuple[int, int]:
         h = (self.k + 1) if self.k else len(getattr(self, "u1", ()))
         itemsize = np.dtype(RING_DTYPES[self.bits]).itemsize
         per = {"advertise": 0, "share": 4 + COMMIT_BYTES + 4 + BOX_BYTES + 24, "masked": 4,
                "consistency": 0, "unmask": 2 * (4 + shamir.SHARE_BYTES + 8)}[self.stage]
-        return SLACK + per * h + (self.d * itemsize if self.stage == "masked" else 0)
+        return SLACK + per * h + (self.d * itemsize if self.stage == "masked" else 0), h
 
     def _reject(self, data, why: str):
         kind, _, sender = peek(data)
@@ -83,8 +83,9 @@ class Server:
         kind = _KIND.get(self.stage)
         if kind is None:
             raise ProtocolError(f"server: no message expected in stage {self.stage!r}")
+        limit, max_ids = self._limit()
         try:
-            msg = parse(data, expect=kind, limit=self._limit())
+            msg = parse(data, expect=kind, limit=limit, max_ids=max_ids)
         except ProtocolError as exc:
             self._reject(data, str(exc))
         u = msg.sender
@@ -114,6 +115,9 @@ class Server:
         try:
             getattr(self, "_check_" + self.stage)(u, msg.fields)
         except ProtocolError as exc:
+            if kind == "advertise" and self.identities is None:  # unauthenticated: could be a forgery
+                del self.seen[u]
+                self._reject(data, str(exc))
             self._exclude(u, str(exc))
         self.inbox[u] = msg
 
@@ -253,12 +257,16 @@ class Server:
             self.stage, self.total = "aborted", None
             raise ProtocolError(f"round aborted at unmasking: {len(shares)} {kind} shares of client {u}, fewer than "
                                 f"t={self.t}; nothing was revealed (excluded: {self.excluded})", u)
-        try:
-            return shamir.combine_checked(shares, self.t)
-        except ValueError as exc:  # every share matched its commitment: the dealer dealt inconsistent shares
+        try:  # every share matched its dealer's commitment: shares off the polynomial are the dealer's doing
+            secret, off = shamir.combine_checked(shares, self.t)
+        except ValueError as exc:
             self.stage, self.total = "aborted", None
             raise ProtocolError(f"round aborted at unmasking: client {u} dealt {kind} shares that lie on no single "
                                 f"polynomial ({exc})", u) from None
+        if off:
+            self.excluded[u] = (f"dealt {kind} shares off its polynomial to holders {[x - 1 for x in off]} "
+                                f"(the majority polynomial was used)")
+        return secret
 
     def finish(self) -> np.ndarray:
         """The sum of the survivors' inputs in the ring, once at least ``t`` valid shares of every

@@ -8,6 +8,7 @@ than every 256-bit secret, so a secret is an element as it is.
 
 from __future__ import annotations
 
+import functools
 import secrets
 
 P = 2**521 - 1  # a Mersenne prime
@@ -52,8 +53,10 @@ def combine(shares: dict[int, bytes], t: int, length: int = 32) -> bytes:
     return s.to_bytes(length, "little")
 
 
-def _lagrange_at(xs: list[int], x: int) -> list[int]:
-    """Weights ``w_j`` with ``f(x) = sum_j w_j f(xs_j)`` for every polynomial of degree < len(xs)."""
+@functools.lru_cache(maxsize=4096)
+def _lagrange_at(xs: tuple[int, ...], x: int) -> tuple[int, ...]:
+    """Weights ``w_j`` with ``f(x) = sum_j w_j f(xs_j)`` for every polynomial of degree < len(xs)
+    (cached: the same holders answer for many secrets)."""
     out = []
     for j, xj in enumerate(xs):
         num, den = 1, 1
@@ -62,22 +65,36 @@ def _lagrange_at(xs: list[int], x: int) -> list[int]:
                 num = num * (x - xm) % P
                 den = den * (xj - xm) % P
         out.append(num * pow(den, -1, P) % P)
-    return out
+    return tuple(out)
 
 
-def off_polynomial(shares: dict[int, bytes], t: int) -> list[int]:
-    """The points among ``shares`` (more than ``t`` of them) that do not lie on the polynomial
-    through the first ``t``; empty when all lie on one polynomial of degree < t."""
-    pts = sorted((x, int.from_bytes(y, "little")) for x, y in shares.items())
-    base, rest = pts[:t], pts[t:]
-    xs = [x for x, _ in base]
+def _off(base: list[tuple[int, int]], rest: list[tuple[int, int]]) -> list[int]:
+    xs = tuple(x for x, _ in base)
     return [x for x, y in rest if sum(w * yb for w, (_, yb) in zip(_lagrange_at(xs, x), base)) % P != y]
 
 
-def combine_checked(shares: dict[int, bytes], t: int, length: int = 32) -> bytes:
-    """:func:`combine` over every share given: with more than ``t`` shares, all must lie on one
-    polynomial of degree < t (ValueError naming the points that do not)."""
-    bad = off_polynomial(shares, t) if len(shares) > t else []
-    if bad:
-        raise ValueError(f"shares at points {bad} do not lie on the polynomial through the first t={t}")
-    return combine(shares, t, length)
+def off_polynomial(shares: dict[int, bytes], t: int) -> list[int]:
+    """The points among ``shares`` that do not lie on the polynomial through the ``t`` smallest
+    points; empty when all lie on one polynomial of degree < t."""
+    pts = sorted((x, int.from_bytes(y, "little")) for x, y in shares.items())
+    return _off(pts[:t], pts[t:])
+
+
+def combine_checked(shares: dict[int, bytes], t: int, length: int = 32) -> tuple[bytes, list[int]]:
+    """The secret from every share given, and the points off its polynomial.
+
+    With more than ``t`` shares all must lie on one polynomial of degree < t. When some do not, the
+    polynomial through ``t`` cyclically consecutive points (each window tried) that agrees with at
+    least ``(m + t) / 2`` of the ``m`` shares is the only one that can (two such polynomials would
+    agree on ``t`` points); its secret is returned with the points off it. None: ValueError."""
+    if len(shares) < t:
+        raise ValueError(f"need t={t} shares, got {len(shares)}")
+    pts = sorted((x, int.from_bytes(y, "little")) for x, y in shares.items())
+    m = len(pts)
+    for i in range(m if m > t else 1):
+        window = pts[i:] + pts[:i]
+        bad = _off(window[:t], window[t:])
+        if 2 * (m - len(bad)) >= m + t:
+            base = dict(window[:t])
+            return combine({x: shares[x] for x in base}, t, length), bad
+    raise ValueError(f"the {m} shares agree with no polynomial of degree < t={t} on (m + t) / 2 points")

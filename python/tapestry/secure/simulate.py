@@ -72,8 +72,8 @@ def simulate_round(updates, *, threshold: int, neighbours: int | None = None, dr
 
     ``active``: the active-adversary setting (each client gets a long-term Ed25519 key; signed
     advertisements and the consistency round). ``intercept(phase, client, data)`` (phase in
-    :data:`PHASES`) returns the messages the server receives in place of client ``client``'s
-    ``data`` (a list of bytes): a hook to play hostile clients. A message the server refuses is
+    :data:`PHASES`, ``client`` the :class:`Client`) returns the messages the server receives in
+    place of that client's ``data`` (a list of bytes): a hook to play hostile clients. A message the server refuses is
     recorded (``RoundInfo.excluded`` / ``rejected``) and the round goes on.
 
     Returns the survivors' sum: float32 (values clipped to ``[-clip, clip]`` and fixed-point
@@ -127,7 +127,7 @@ def simulate_round(updates, *, threshold: int, neighbours: int | None = None, dr
                 continue
             if msg is None:
                 continue
-            for m in (intercept(hook, c.id, msg) if intercept else [msg]):
+            for m in (intercept(hook, c, msg) if intercept else [msg]):
                 sent += len(m)
                 try:
                     server.receive(m)
