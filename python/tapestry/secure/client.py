@@ -26,9 +26,11 @@ def u32_bytes(ids) -> bytes:
 
 
 def consistency_need(t: int, n: int) -> int:
-    """Signatures needed on the survivor set: ``t``, and more than half of the ``n`` invited
-    clients, so no two disjoint groups of honest clients can each certify a different set."""
-    return max(t, n // 2 + 1)
+    """Signatures needed on the survivor set: ``t``, and more than ``2n/3`` of the ``n`` invited
+    clients. Honest clients sign one set per round, so certifying two different sets takes
+    ``2 need - n`` clients that sign both: with fewer than ``n/3`` corrupted clients the server
+    cannot show some honest holders one set of survivors and the others another."""
+    return max(t, 2 * n // 3 + 1)
 
 
 class Client:
