@@ -144,9 +144,12 @@ class Server:
         if f["bits"] != self.bits:
             raise ProtocolError(f"{f['bits']}-bit masked input, expected {self.bits}")
         ring_view(self.bits, self.d, f["data"], "masked input")
-        c = f["complaints"]
-        if len(set(c)) != len(c) or not set(c) <= set(self.nb2[u]):
+        c, peers = f["complaints"], self.nb2[u]
+        if len(set(c)) != len(c) or not set(c) <= set(peers):
             raise ProtocolError(f"complaints about {c[:8]} are not about its active neighbours")
+        if len(peers) + 1 - len(c) < self.t:  # an honest client with that many bad dealers stops instead
+            raise ProtocolError(f"complains about {len(c)} of its {len(peers)} peers: fewer than t={self.t} "
+                                f"would remain to mask with")
 
     def _check_consistency(self, u, f):
         if not verify(self.identities[u], f["sig"], b"consistency", self.round, u, u32_bytes(self.u3)):
