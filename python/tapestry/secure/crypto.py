@@ -83,13 +83,13 @@ def open_sealed(key: bytes, round_id: int, sender: int, receiver: int, box: byte
                             f"(tampered, replayed from another round, or misaddressed)") from None
 
 
-def check_public_key(pk: bytes, who: str) -> None:
+def check_public_key(pk: bytes, who: str, sk: X25519PrivateKey | None = None) -> None:
     """A 32-byte X25519 key that is not of low order (a low-order point makes every shared secret
-    zero, for every private key: one exchange with a throwaway key tells)."""
+    zero, for every private key: one exchange with any key, ``sk`` or a throwaway one, tells)."""
     if len(pk) != 32:
         raise ProtocolError(f"{who}: public key has {len(pk)} bytes, expected 32")
     try:
-        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(bytes(pk)))
+        (sk or X25519PrivateKey.generate()).exchange(X25519PublicKey.from_public_bytes(bytes(pk)))
     except ValueError:
         raise ProtocolError(f"{who}: public key is a low-order point") from None
 

@@ -123,7 +123,7 @@ class Server:
 
     def _check_advertise(self, u, f):
         for name in ("c_pk", "s_pk"):
-            check_public_key(f[name], f"{name} of client {u}")
+            check_public_key(f[name], f"{name} of client {u}", self.sk)
             owner = self.keys_seen.setdefault(bytes(f[name]), u)
             if owner != u:
                 raise ProtocolError(f"advertised the public key of client {owner}")

@@ -9,6 +9,7 @@ than every 256-bit secret, so a secret is an element as it is.
 from __future__ import annotations
 
 import functools
+import math
 import secrets
 
 P = 2**521 - 1  # a Mersenne prime
@@ -54,23 +55,32 @@ def combine(shares: dict[int, bytes], t: int, length: int = 32) -> bytes:
 
 
 @functools.lru_cache(maxsize=4096)
-def _lagrange_at(xs: tuple[int, ...], x: int) -> tuple[int, ...]:
-    """Weights ``w_j`` with ``f(x) = sum_j w_j f(xs_j)`` for every polynomial of degree < len(xs)
-    (cached: the same holders answer for many secrets)."""
-    out = []
+def _check_weights(xs: tuple[int, ...], x: int) -> tuple[int, tuple[int, ...]]:
+    """Integers ``D, c_j`` with ``D f(x) = sum_j c_j f(xs_j)`` for every polynomial of degree
+    < len(xs): the Lagrange weights over a common denominator, exact integers because the
+    points are small integers, so checking a point takes no modular inverse (cached: the same
+    holders answer for many secrets)."""
+    nums, dens = [], []
     for j, xj in enumerate(xs):
         num, den = 1, 1
         for m, xm in enumerate(xs):
             if m != j:
-                num = num * (x - xm) % P
-                den = den * (xj - xm) % P
-        out.append(num * pow(den, -1, P) % P)
-    return tuple(out)
+                num *= x - xm
+                den *= xj - xm
+        nums.append(num)
+        dens.append(den)
+    D = math.lcm(*(abs(d) for d in dens))
+    return D, tuple(n * (D // d) for n, d in zip(nums, dens))
 
 
 def _off(base: list[tuple[int, int]], rest: list[tuple[int, int]]) -> list[int]:
     xs = tuple(x for x, _ in base)
-    return [x for x, y in rest if sum(w * yb for w, (_, yb) in zip(_lagrange_at(xs, x), base)) % P != y]
+    out = []
+    for x, y in rest:
+        D, c = _check_weights(xs, x)
+        if (sum(cj * yj for cj, (_, yj) in zip(c, base)) - D * y) % P:
+            out.append(x)
+    return out
 
 
 def off_polynomial(shares: dict[int, bytes], t: int) -> list[int]:
@@ -86,7 +96,9 @@ def combine_checked(shares: dict[int, bytes], t: int, length: int = 32) -> tuple
     With more than ``t`` shares all must lie on one polynomial of degree < t. When some do not, the
     polynomial through ``t`` cyclically consecutive points (each window tried) that agrees with at
     least ``(m + t) / 2`` of the ``m`` shares is the only one that can (two such polynomials would
-    agree on ``t`` points); its secret is returned with the points off it. None: ValueError."""
+    agree on ``t`` points); its secret is returned with the points off it. It is found whenever
+    some ``t`` cyclically consecutive points are all right (always with one bad point); otherwise
+    ValueError."""
     if len(shares) < t:
         raise ValueError(f"need t={t} shares, got {len(shares)}")
     pts = sorted((x, int.from_bytes(y, "little")) for x, y in shares.items())
