@@ -226,3 +226,26 @@ def test_hostile_errors_are_protocol_errors():
         server.receive(Message("advertise", 0, 2, 0xFFFFFFFF,
                                {"c_pk": public_bytes(new_keypair()),
                                 "s_pk": bytes(32), "sig": bytes(64)}).to_bytes())
+
+
+def test_parsing_memory_is_bounded():
+    """A shares message a server of 1000 clients accepts, packed with the most ids and blobs
+    allowed, the blobs empty: parsing it allocates at most 4x its size plus 1 MiB (tracemalloc).
+    More blobs are refused before any is sliced."""
+    import tracemalloc
+    h = 1000
+    ids = list(range(1000, 1000 + h))
+    def shares(nboxes):
+        return Message("shares", 0, 1, 0xFFFFFFFF, {"holders": ids, "commits": [b""] * h, "to": ids,
+                                                    "boxes": [b""] * nboxes}).to_bytes()
+    with pytest.raises(ProtocolError, match="3008"):
+        parse(shares(40 * h), limit=4096 + h * 400, max_ids=h)
+    msg = shares(2 * h + 6)
+    tracemalloc.start()
+    try:
+        m = parse(msg, limit=4096 + h * 400, max_ids=h)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(m.fields["boxes"]) == 2 * h + 6
+    assert peak <= 4 * len(msg) + (1 << 20), (peak, len(msg))

@@ -9,7 +9,8 @@ Two loops, both seeded:
   for it, whose state is restored afterwards. Failure: any exception but ProtocolError.
 * ``rounds``: whole rounds with one client whose messages are mutated and re-tagged at a random
   stage. Failure: an exception other than ProtocolError, or a sum that is not the exact sum of the
-  reported survivors' inputs (when the hostile client's masked input bytes were left as they were).
+  reported survivors' inputs (unless the hostile client's own masked input bytes or advertised keys
+  changed: then its contribution is whatever it chose, as with any input).
 
     python tools/fuzz_secure.py --messages 100000 --rounds 200 --seed 0
 """
@@ -163,12 +164,15 @@ def fuzz_rounds(count: int, rng) -> int:
             if c.id != bad or ph != phase:
                 return [data]
             out = retag(mutate(data, rng), c)
-            if ph == "mask":
-                try:
-                    if bytes(parse(out).fields["data"]) != bytes(parse(data).fields["data"]):
-                        changed.append(True)
-                except ProtocolError:
-                    pass
+            # its masked input bytes, or the mask key it advertises (which it then does not hold), chosen
+            # differently: the hostile client's contribution is its own choice, not a protocol failure
+            fields = {"mask": ("data",), "advertise": ("c_pk", "s_pk")}.get(ph, ())
+            try:
+                a, b = parse(out).fields, parse(data).fields
+                if any(bytes(a[f]) != bytes(b[f]) for f in fields):
+                    changed.append(True)
+            except ProtocolError:
+                pass
             return [out] if rng.random() < 0.8 else [out, data]
         try:
             total, info = simulate_round(vals, threshold=t, neighbours=k, active=active, return_info=True,

@@ -107,7 +107,7 @@ def peek(data) -> tuple[str, int, int]:
 def parse(data, *, expect: str | None = None, limit: int | None = None, max_ids: int | None = None) -> Message:
     """A :class:`Message` from bytes, every length and field validated; ``limit``: the most bytes
     accepted (checked first, before anything is read); ``max_ids``: the longest id list accepted
-    (checked before the list is built)."""
+    (checked before the list is built; it also caps the blob count at ``3 max_ids + 8``)."""
     if limit is not None and len(data) > limit:
         kind, _, sender = peek(data)
         raise ProtocolError(f"{kind} message claiming sender {sender} has {len(data)} bytes, more than the "
@@ -127,9 +127,10 @@ def parse(data, *, expect: str | None = None, limit: int | None = None, max_ids:
     if expect is not None and name != expect:
         raise ProtocolError(f"expected a {expect} message, got {name}")
     pos, end = _HEAD.size, len(data) - tlen
-    if hlen > MAX_HEADER or nblobs > MAX_BLOBS or hlen > end - pos or nblobs > (end - pos - hlen) // 8:
+    max_blobs = MAX_BLOBS if max_ids is None else 3 * max_ids + 8  # a kind has at most 3 lists of blobs
+    if hlen > MAX_HEADER or nblobs > max_blobs or hlen > end - pos or nblobs > (end - pos - hlen) // 8:
         raise ProtocolError(f"{name} message from {sender}: header {hlen} bytes and {nblobs} blobs do not fit in "
-                            f"{len(data)} bytes (or exceed {MAX_HEADER} / {MAX_BLOBS})")
+                            f"{len(data)} bytes (or exceed {MAX_HEADER} / {max_blobs})")
     try:
         header = json.loads(data[pos : pos + hlen].decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd integers, deep nesting

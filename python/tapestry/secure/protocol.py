@@ -6,7 +6,9 @@ Stages (every message is bytes, see :mod:`.messages`)::
     client                                   server
     advertise()          -- advertise -->    U1 = senders;  roster to U1 (>= t)
     share_keys(roster)   -- shares    -->    U2 = senders;  forward each client its shares (>= t)
-    masked_input(fwd)    -- masked    -->    U3 = senders;  request: survivors U3, dropped U2 \\ U3 (>= t)
+    masked_input(fwd)    -- masked    -->    U3 = senders less the accused;  request: survivors U3,
+                                             dropped U2 \\ U3, each restricted to the client's holdings (>= t)
+    [consistency(req)    -- signature -->    active setting: signatures on U3 go out with the requests]
     unmask(request)      -- response  -->    U4 = senders;  reconstruct b_u (u in U3), s_u (u dropped)
 
 Each client ``u`` holds two X25519 key pairs (``c`` for the share channel, ``s`` for masks) and a
@@ -20,6 +22,7 @@ half the holders, no server obtains both ``b_u`` and ``s_u`` of one client.
 
 Requirements checked when the round is set up: ``holders/2 < t <= holders``, where holders is
 ``n`` (all clients) or ``k + 1`` (SecAgg+), ``1 <= k <= n - 1`` and ``n k`` even.
+
 Hostile participants (docs/secure-sum.md, "Threat model"): every client message after
 ``advertise`` carries a Poly1305 tag under a key only that client and the server share; every
 message is size-limited before parsing and checked against the round on arrival; a client whose
