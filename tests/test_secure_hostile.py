@@ -103,6 +103,7 @@ CASES = {
     "message for another round": ("mask", _wrong_round, False, "rejected"),
     "malformed key": ("advertise", edit(c_pk=lambda f: f["c_pk"][:31]), False, "rejected"),
     "low-order key": ("advertise", edit(s_pk=bytes(32)), False, "rejected"),
+    "low-order channel key": ("advertise", edit(c_pk=bytes([1]) + bytes(31)), False, "rejected"),
     "shares to the wrong holders": ("share", edit(to=lambda f: f["to"][::-1]), False, "excluded"),
     "share box that does not open": ("share", _bad_box, False, "accused"),
     "duplicate shares": ("unmask", edit(self_ids=_dup, self_shares=lambda f: f["self_shares"][:-1] + f["self_shares"][:1]),

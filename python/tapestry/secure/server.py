@@ -122,12 +122,14 @@ class Server:
         self.inbox[u] = msg
 
     def _check_advertise(self, u, f):
+        check_public_key(f["s_pk"], f"s_pk of client {u}", self.sk)
+        if len(f["c_pk"]) != 32:
+            raise ProtocolError(f"c_pk of client {u} has {len(f['c_pk'])} bytes, expected 32")
+        self.mac[u] = mac_key(self.sk, f["c_pk"], self.round, u)  # fails on a low-order c_pk
         for name in ("c_pk", "s_pk"):
-            check_public_key(f[name], f"{name} of client {u}", self.sk)
             owner = self.keys_seen.setdefault(bytes(f[name]), u)
             if owner != u:
                 raise ProtocolError(f"advertised the public key of client {owner}")
-        self.mac[u] = mac_key(self.sk, f["c_pk"], self.round, u)
 
     def _check_share(self, u, f):
         holders = sorted([*self.neighbours[u], u])
