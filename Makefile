@@ -26,7 +26,7 @@ test: build
 bench: build
 	$(VENV)/bin/tapestry bench
 
-# Offline, not in CI: mutated messages through the secure-sum state machines (about 15 minutes).
+# Offline, not in CI: mutated messages through the secure-sum state machines (a few minutes on an idle machine).
 fuzz: build
 	PYTHONPATH=python $(PY) tools/fuzz_secure.py --messages 1000000 --rounds 1000
 
