@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-installed
 
-.PHONY: demo test bench build clean gpu-check
+.PHONY: demo test bench build clean gpu-check fuzz
 
 $(STAMP): requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: build
 
 bench: build
 	$(VENV)/bin/tapestry bench
+
+# Offline, not in CI: mutated messages through the secure-sum state machines (a few minutes on an idle machine).
+fuzz: build
+	PYTHONPATH=python $(PY) tools/fuzz_secure.py --messages 1000000 --rounds 1000
 
 # On a GPU machine with its own torch, triton and nvcc and no internet: build in place with the
 # Python found there, run the GPU tests and the CUDA benchmarks, write one report (tools/gpu_check.py).

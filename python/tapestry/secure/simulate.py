@@ -9,10 +9,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .crypto import ProtocolError, identity_public
 from .fixedpoint import FixedPoint, clip_norm
 from .protocol import Client, Server, check_parameters
 
 STAGES = ("advertise", "share", "mask", "unmask")  # a dropout at stage S sends nothing from S on
+PHASES = ("advertise", "share", "mask", "consistency", "unmask")  # what ``intercept`` sees
 
 
 @dataclass
@@ -22,6 +26,10 @@ class RoundInfo:
     seconds: dict[str, float] = field(default_factory=dict)  # phase -> wall time
     bytes_sent: dict[str, int] = field(default_factory=dict)  # phase -> bytes of all messages
     fixed_point: FixedPoint | None = None
+    excluded: dict[int, str] = field(default_factory=dict)   # client -> why the server excluded it
+    accused: dict[int, list[int]] = field(default_factory=dict)  # client -> peers whose shares from it failed
+    rejected: list[str] = field(default_factory=list)       # messages discarded unauthenticated (claimed sender)
+    failed: dict[int, str] = field(default_factory=dict)     # client -> why it stopped (a bad message to it)
 
 
 def _dropouts(dropouts, n: int) -> dict[int, str]:
@@ -54,13 +62,19 @@ def _is_ring(x) -> bool:
 
 def simulate_round(updates, *, threshold: int, neighbours: int | None = None, dropouts=(), seed: int = 0,
                    clip: float = 1.0, bits: int = 32, rounding: str = "nearest", round_id: int = 0,
-                   return_info: bool = False):
+                   return_info: bool = False, active: bool = False, intercept=None):
     """Securely sum ``updates`` (n float vectors, or n uint32/uint64 ring vectors) in one round.
 
     ``dropouts``: client indices that never deliver their masked input, or ``{index: stage}`` with
     stage in ``advertise`` (before key sharing), ``share``, ``mask`` (after sharing, before the
     masked input) or ``unmask`` (sent the input, silent while unmasking). ``seed`` drives the
     public SecAgg+ graph and stochastic rounding; key material always comes from ``os.urandom``.
+
+    ``active``: the active-adversary setting (each client gets a long-term Ed25519 key; signed
+    advertisements and the consistency round). ``intercept(phase, client, data)`` (phase in
+    :data:`PHASES`, ``client`` the :class:`Client`) returns the messages the server receives in
+    place of that client's ``data`` (a list of bytes): a hook to play hostile clients. A message the server refuses is
+    recorded (``RoundInfo.excluded`` / ``rejected``) and the round goes on.
 
     Returns the survivors' sum: float32 (values clipped to ``[-clip, clip]`` and fixed-point
     encoded, :class:`FixedPoint`) for float input, the exact ring sum for ring input; with
@@ -94,38 +108,55 @@ def simulate_round(updates, *, threshold: int, neighbours: int | None = None, dr
     info = RoundInfo(survivors=[], dropped=drop, fixed_point=fp)
     info.seconds["encode"] = time.perf_counter() - t0
 
-    clients = [Client(i, vals[i], round_id=round_id) for i in range(n)]
+    ident = {i: Ed25519PrivateKey.generate() for i in range(n)} if active else {}
+    pubs = {i: identity_public(k) for i, k in ident.items()} if active else None
+    clients = [Client(i, vals[i], round_id=round_id, identity=ident.get(i), identities=pubs) for i in range(n)]
     server = Server(threshold=threshold, d=d, bits=bits, neighbours=neighbours, round_id=round_id, graph_seed=seed,
-                    clients=range(n))
+                    clients=range(n), identities=pubs)
 
-    def phase(name, stage, inbox_for):
+    def phase(name, stage, inbox_for, hook):
         t = time.perf_counter()
         sent = 0
         for c in clients:
-            if drop.get(c.id) in STAGES[: STAGES.index(stage) + 1]:
+            if drop.get(c.id) in STAGES[: STAGES.index(stage) + 1] or c.id in info.failed:
                 continue
-            msg = inbox_for(c)
+            try:
+                msg = inbox_for(c)
+            except ProtocolError as exc:  # a bad message to this client: it stops, like a dropout
+                info.failed[c.id] = str(exc)
+                continue
             if msg is None:
                 continue
-            sent += len(msg)
-            server.receive(msg)
+            for m in (intercept(hook, c, msg) if intercept else [msg]):
+                sent += len(m)
+                try:
+                    server.receive(m)
+                except ProtocolError:
+                    pass  # recorded by the server (excluded / rejected); the round goes on
         info.seconds[name] = time.perf_counter() - t
         info.bytes_sent[name] = sent
 
-    phase("advertise", "advertise", lambda c: c.advertise())
-    t = time.perf_counter()
-    rosters = server.close_advertise()
-    info.seconds["server_roster"] = time.perf_counter() - t
-    phase("share_keys", "share", lambda c: c.share_keys(rosters[c.id]) if c.id in rosters else None)
-    forwards = server.close_share()
-    phase("masked_input", "mask", lambda c: c.masked_input(forwards[c.id]) if c.id in forwards else None)
-    t = time.perf_counter()
-    requests = server.close_masked()
-    info.seconds["server_sum"] = time.perf_counter() - t
-    phase("unmask", "unmask", lambda c: c.unmask(requests[c.id]) if c.id in requests else None)
-    t = time.perf_counter()
-    total = server.finish()
-    info.seconds["server_unmask"] = time.perf_counter() - t
+    try:
+        phase("advertise", "advertise", lambda c: c.advertise(), "advertise")
+        t = time.perf_counter()
+        rosters = server.close_advertise()
+        info.seconds["server_roster"] = time.perf_counter() - t
+        phase("share_keys", "share", lambda c: c.share_keys(rosters[c.id]) if c.id in rosters else None, "share")
+        forwards = server.close_share()
+        phase("masked_input", "mask", lambda c: c.masked_input(forwards[c.id]) if c.id in forwards else None, "mask")
+        t = time.perf_counter()
+        requests = server.close_masked()
+        info.seconds["server_sum"] = time.perf_counter() - t
+        if active:
+            phase("consistency", "mask", lambda c: c.consistency(requests[c.id]) if c.id in requests else None,
+                  "consistency")
+            requests = server.close_consistency()
+        phase("unmask", "unmask", lambda c: c.unmask(requests[c.id]) if c.id in requests else None, "unmask")
+        t = time.perf_counter()
+        total = server.finish()
+        info.seconds["server_unmask"] = time.perf_counter() - t
+    finally:
+        info.excluded, info.accused, info.rejected = server.excluded, server.accused, server.rejected
     info.survivors = list(server.u3)
     result = total if ring else torch.from_numpy(fp.decode(total).astype(np.float32))
     return (result, info) if return_info else result
