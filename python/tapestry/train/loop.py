@@ -22,6 +22,7 @@ algorithms, one thread per rank), so a resumed run continues bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector
 
-from ..distributed import all_reduce
+from ..distributed import CollectiveError, all_reduce
 from ..federated.attacks import get_attack
 from ..federated.loop import _gen
 from . import checkpoint
@@ -110,6 +111,19 @@ def _seed(*keys: int) -> int:
     return int(torch.randint(2 ** 62, (1,), generator=_gen(*keys)))
 
 
+@contextlib.contextmanager
+def _peers(rank: int, what: str, timeout: float):
+    """A failed collective names this rank and what it was doing: a peer died, hung or raised
+    (gloo raises at once when a peer's connection closes, or after the group's timeout)."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as exc:
+        raise CollectiveError(f"tapestry train: rank {rank}: {what} failed: a peer died, hung or raised "
+                              f"(timeout {timeout:g} s): {exc}") from None
+
+
 def _gather(obj, rank: int, world: int) -> list | None:
     if world == 1:
         return [obj]
@@ -177,7 +191,8 @@ def train_rank(job: TrainJob, *, rank: int, world: int, device=None) -> RunRecor
                 if not diloco:
                     grads = [p.grad for p in model.parameters()]
                     flat = torch.cat([g.reshape(-1) for g in grads])
-                    dist.all_reduce(flat)
+                    with _peers(rank, f"the gradient all-reduce of inner step {t + 1}", cfg.timeout):
+                        dist.all_reduce(flat)
                     flat /= world
                     _set_grads(grads, flat)
                     sent += ring
@@ -189,9 +204,10 @@ def train_rank(job: TrainJob, *, rank: int, world: int, device=None) -> RunRecor
             with torch.no_grad():
                 if diloco:
                     delta = parameters_to_vector(model.parameters()) - w
-                    delta = _attack(delta, attack, strength, byzantine, rank, world, cfg, step)
-                    agg, info = all_reduce(delta, rule, codec=cfg.codec, block=cfg.block,
-                                           seed=_seed(cfg.seed, 9, step), timeout=cfg.timeout, return_info=True)
+                    with _peers(rank, f"the all-reduce of outer step {step}", cfg.timeout):
+                        delta = _attack(delta, attack, strength, byzantine, rank, world, cfg, step)
+                        agg, info = all_reduce(delta, rule, codec=cfg.codec, block=cfg.block,
+                                               seed=_seed(cfg.seed, 9, step), timeout=cfg.timeout, return_info=True)
                     sent += info.bytes_sent
                     if info.nonfinite:
                         hist["nonfinite"].append([step, list(info.nonfinite)])
@@ -214,7 +230,8 @@ def train_rank(job: TrainJob, *, rank: int, world: int, device=None) -> RunRecor
                               and hist["nonfinite"][-1][0] == step else None)
             mine = {"inner": inner.state_dict(), "data": batches.state(), "rng": torch.get_rng_state(),
                     "bytes": int(sent), "nonfinite": hist["nonfinite"]}
-            ranks = _gather(mine, rank, world)
+            with _peers(rank, f"the checkpoint gather of outer step {step}", cfg.timeout):
+                ranks = _gather(mine, rank, world)
             if rank == 0:
                 hist["seconds"] += time.perf_counter() - began
                 began = time.perf_counter()
@@ -225,11 +242,11 @@ def train_rank(job: TrainJob, *, rank: int, world: int, device=None) -> RunRecor
     finally:
         if bar is not None:
             bar.close()
+    with _peers(rank, "the final gather", cfg.timeout):
+        final = _gather({"bytes": int(sent), "nonfinite": hist["nonfinite"]}, rank, world)
     if rank != 0:
-        _gather({"bytes": int(sent), "nonfinite": hist["nonfinite"]}, rank, world)
         return None
     hist["seconds"] += time.perf_counter() - began
-    final = _gather({"bytes": int(sent), "nonfinite": hist["nonfinite"]}, rank, world)
     for r, doc in enumerate(final):
         if doc["nonfinite"] != hist["nonfinite"]:   # all_reduce promises the same info on every rank
             raise RuntimeError(f"rank {r} saw non-finite participants {doc['nonfinite']}, rank 0 {hist['nonfinite']}")
