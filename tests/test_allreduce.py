@@ -116,6 +116,18 @@ def _exactness(rank, world, sizes, dtypes, codecs):
             ref = codec_reference(copy.deepcopy(rule), X, codec, 11)
             key = (info.selected, info.rejected, info.nonfinite)
             out.append((f"{rule.name} {codec}", same(agg, ref), key, key))
+    # a rank that takes part without contributing (a recovering replica): the rule sees the others
+    if world >= 3:
+        X = updates(world, 2001, torch.float32, seed=3)
+        keep = [r for r in range(world) if r != 1]
+        for codec in (None, "int8"):
+            agg = all_reduce(X[rank] if rank != 1 else torch.zeros(2001), tp.Median(), codec=codec, seed=5,
+                             participate=rank != 1)
+            ref = tp.median(X[keep]) if codec is None else None
+            out.append((f"participate=False {codec}", ref is None or same(agg, ref), agg.isfinite().all().item(),
+                        agg.isfinite().all().item()))
+        out.append(("p2p on c10d groups", type(dist.distributed_c10d._get_default_group()) is dist.ProcessGroup,
+                    None, None))
     # a state_dict and a weighted mean
     sd = {"w": torch.randn(3, 5, generator=torch.Generator().manual_seed(rank)), "b": torch.full((2,), float(rank))}
     agg = all_reduce(sd, tp.Mean(), weight=rank + 1)

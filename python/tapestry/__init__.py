@@ -21,7 +21,7 @@ from .updates import UpdateSpec, as_matrix
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("compression", "secure", "federated", "distributed", "integrations")
+_SUBPACKAGES = ("compression", "secure", "federated", "distributed", "integrations", "optim")
 
 
 def __getattr__(name: str):

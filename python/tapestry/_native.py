@@ -34,3 +34,14 @@ def require(name: str) -> ModuleType:
 def missing_reason(name: str) -> str | None:
     mod = load(name)
     return None if not isinstance(mod, Exception) else f"tapestry.{name} not importable ({mod}); {BUILD_HINT}"
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for torch's and for ``tapestry._C``'s kernels (two OpenMP runtimes: torch's
+    ``set_num_threads`` does not reach ours). Processes that share a machine's cores call this."""
+    import torch
+
+    torch.set_num_threads(n)
+    mod = load("_C")
+    if not isinstance(mod, Exception):
+        mod.set_num_threads(n)

@@ -40,6 +40,7 @@ FAMILIES = {
     "robust": "tapestry.bench",
     "compression": "tapestry.compression.bench_cases",
     "secure": "tapestry.secure.bench_cases",
+    "collective": "tapestry.distributed.bench_cases",
 }
 
 
@@ -324,6 +325,11 @@ def run_bench(cfg: Config, families: list[str]) -> list[Row]:
         except ModuleNotFoundError as exc:
             print(f"[{fam}] skipped: {exc}")
             continue
+        if hasattr(module, "rows"):  # a family that times itself (several processes)
+            for row in module.rows(cfg):
+                rows.append(row)
+                print(_format(row), flush=True)
+            continue
         fam_cases = module.cases(cfg)
         done: list[Case] = []
         copy_gbps = copy_bytes = None
@@ -354,7 +360,9 @@ def _format(r: Row) -> str:
     extra = f"{r.extra_mib:8.1f} {r.extra_pct:5.1f}%" if r.extra_mib is not None and r.extra_pct is not None else \
         f"{r.extra_mib:8.1f}       " if r.extra_mib is not None else "       -       "
     bw = f"{r.bw_pct:5.0f}%" if r.bw_pct is not None else "     -"
-    return f"{r.family:12s} {r.name:26s} {r.backend:9s} {r.dtype:9s} {r.ms:10.2f} {r.gbps:8.2f} {bw} {extra}   {ratio}"
+    notes = f"   bytes sent {r.notes['bytes_sent']:,} ({r.notes['bytes_vs_ring']:.3f}x a float32 ring)" \
+        if "bytes_sent" in r.notes else ""
+    return f"{r.family:12s} {r.name:26s} {r.backend:9s} {r.dtype:9s} {r.ms:10.2f} {r.gbps:8.2f} {bw} {extra}   {ratio}{notes}"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import ops
 from .base import AggregationInfo, Rule, apply, check_f, gram, indices, require
 from .columns import Columns
 
@@ -186,19 +187,24 @@ class NNM(Rule):
 
 
 class Mixed(Columns):
-    """The NNM-mixed updates ``A @ X``, produced block by block in float64 (never all at once).
-    Rows of clients with non-finite values are NaN; the others never read those clients."""
+    """The NNM-mixed updates ``A @ X``, produced block by block (never all at once). Each mixed
+    row is the ``weighted_mean`` op over its neighbours (float64 sums in row order, coordinate by
+    coordinate), so a coordinate's value does not depend on how the columns are blocked or
+    sharded (a BLAS product rounds differently at the edges of its tiles). Rows of clients with
+    non-finite values are NaN; the others never read those clients (their weight is zero)."""
 
     def __init__(self, src: Columns, A: torch.Tensor, nonfinite: torch.Tensor):
         self.src, self.n, self.d, self.device = src, src.n, src.d, src.device
-        good = ~nonfinite
-        self._good = good.to(src.device)
-        self._A = A[good][:, good].to(src.device)
+        A = A.clone()
+        A[:, nonfinite] = 0.0  # nobody mixes in a non-finite client
+        self._rows = [(i, A[i]) for i in indices(~nonfinite)]
 
     def read(self, start, stop):
         block = self.src.read(start, stop)
         Y = torch.full((self.n, stop - start), float("nan"), dtype=torch.float32, device=self.device)
-        Y[self._good] = (self._A @ block[self._good].to(torch.float64)).to(torch.float32)
+        _, mix = ops.resolve("weighted_mean", self.device)
+        for i, w in self._rows:
+            Y[i] = mix(block, w)
         return Y
 
     def blocks(self):

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import AllgatherOptions
 
 from .. import _pages
 from ..aggregators import Rule
@@ -67,6 +68,8 @@ class Comm:
             group = dist.distributed_c10d._get_default_group()
         self.pg = group
         self.rank, self.size = int(group.rank()), int(group.size())
+        # c10d's own groups (gloo, NCCL) do point to point; wrappers such as torchft's may not
+        self.p2p = type(group) is dist.ProcessGroup
         self.timeout = float(timeout)
         self.bytes_sent = 0
 
@@ -92,12 +95,15 @@ class Comm:
         64 MiB on 4 local ranks, while this moves the same bytes as fast as an alltoall."""
         inp = inp.reshape(-1)
         rows = out.view(self.size, -1)
+        self.bytes_sent += (self.size - 1) * inp.numel() * inp.element_size()
+        if not self.p2p:
+            self._wait(self.pg.allgather([list(rows.unbind(0))], [inp], AllgatherOptions()), what)
+            return
         works = []
         for k in range(1, self.size):
             dst, src = (self.rank + k) % self.size, (self.rank - k) % self.size
             works.append(self.pg.send([inp], dst, 0))
             works.append(self.pg.recv([rows[src]], src, 0))
-        self.bytes_sent += (self.size - 1) * inp.numel() * inp.element_size()
         rows[self.rank].copy_(inp)
         for work in works:
             self._wait(work, what)
@@ -176,10 +182,11 @@ def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-def _status(X: torch.Tensor | None, spec, rule: Rule, codec, block: int, weight, error: str | None) -> dict:
+def _status(X: torch.Tensor | None, spec, rule: Rule, codec, block: int, weight, participate: bool,
+            error: str | None) -> dict:
     doc: dict[str, Any] = {"rule": repr(rule)[:300], "rule_digest": _digest(repr(rule)), "codec": codec,
                            "block": block if codec in ("int8", "int4") else None,
-                           "weight": None if weight is None else float(weight)}
+                           "weight": None if weight is None else float(weight), "participate": participate}
     if X is not None:
         doc.update(d=X.shape[1], dtype=str(X.dtype).replace("torch.", ""), device=X.device.type,
                    names=_digest(repr([(e.key, e.shape, str(e.dtype)) for e in spec.entries]) + spec.form
@@ -223,7 +230,7 @@ def _check_agreement(docs: list[dict]) -> None:
             show = "rule" if key == "rule_digest" else key
             raise ValueError(f"all_reduce: ranks disagree on {what}: rank 0 has {docs[0].get(show)!r}, "
                              f"rank {r} has {docs[r].get(show)!r}")
-    weights = [doc["weight"] for doc in docs]
+    weights = [doc["weight"] for doc in docs if doc["participate"]]
     if any((w is None) != (weights[0] is None) for w in weights):
         raise ValueError(f"all_reduce: some ranks passed a weight and others did not (weights {weights})")
 
@@ -283,8 +290,8 @@ class Wire:
 # -- the all-reduce ---------------------------------------------------------------------------
 
 def all_reduce(update: Any, rule: Rule, *, codec: str | None = None, group=None, weight: float | None = None,
-               block: int = 256, seed: int | None = None, timeout: float = DEFAULT_TIMEOUT,
-               return_info: bool = False):
+               participate: bool = True, block: int = 256, seed: int | None = None,
+               timeout: float = DEFAULT_TIMEOUT, return_info: bool = False):
     """Aggregate one update per rank with ``rule``; every rank returns the same aggregate.
 
     ``update``: this rank's update, a tensor (any shape) or a parameter set (``state_dict``, list
@@ -295,9 +302,12 @@ def all_reduce(update: Any, rule: Rule, *, codec: str | None = None, group=None,
     ``"fp16"`` or ``"bf16"`` to encode both transfers (int8/int4: ``block`` values per scale;
     stochastic rounding from ``seed``, fresh when None). ``weight``: this rank's weight for
     ``mean`` (for example its example count). ``group``: a process group (default: the world);
-    ``timeout``: seconds any one collective may wait. ``return_info``: also return the
-    :class:`~tapestry.AggregationInfo` (the same selected, rejected and non-finite participants on
-    every rank; ``bytes_sent``: what this rank sent).
+    ``timeout``: seconds any one collective may wait. ``participate=False``: this rank takes part
+    in the communication and gets the aggregate, but its update is not one of the rule's inputs
+    (a replica that is recovering, a spare); participants are numbered in rank order among those
+    that participate. ``return_info``: also return the :class:`~tapestry.AggregationInfo` (the
+    same selected, rejected and non-finite participants on every rank; ``bytes_sent``: what this
+    rank sent).
     """
     if not isinstance(rule, Rule):
         raise TypeError(f"rule must be a tapestry rule object (e.g. tp.TrimmedMean(f=1)), got {type(rule).__name__}")
@@ -322,12 +332,15 @@ def all_reduce(update: Any, rule: Rule, *, codec: str | None = None, group=None,
                 raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
             if "weights" not in inspect.signature(rule.aggregate).parameters:
                 raise ValueError(f"rule {rule.name!r} takes no weights (weight={weight!r} given)")
-        copy.deepcopy(rule)(torch.zeros(n, 1))  # the rule's own requirement on n, before any transfer
     except (ValueError, TypeError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     device = X.device if X is not None else torch.device("cpu")
-    docs = _exchange_status(comm, _status(X, spec, rule, codec, block, weight, error), device)
+    docs = _exchange_status(comm, _status(X, spec, rule, codec, block, weight, bool(participate), error), device)
     _check_agreement(docs)
+    rows = [r for r, doc in enumerate(docs) if doc["participate"]]  # the rule's inputs, in rank order
+    if not rows:
+        raise ValueError("all_reduce: no rank participates (participate=False on every rank)")
+    copy.deepcopy(rule)(torch.zeros(len(rows), 1))  # the rule's own requirement on n: the same error everywhere
 
     x = X[0]
     d = x.numel()
@@ -337,22 +350,27 @@ def all_reduce(update: Any, rule: Rule, *, codec: str | None = None, group=None,
     base = secrets.randbits(63) if seed is None else int(seed)
     kwargs = {}
     if docs[0]["weight"] is not None:
-        kwargs["weights"] = [doc["weight"] for doc in docs]
+        kwargs["weights"] = [docs[r]["weight"] for r in rows]
+    sending = me in rows
+    counts = [1 if r in rows else 0 for r in range(n)]  # rows received from each rank
 
     # 1. reduce-scatter: shard j of every update to rank j
     if codec is None:
-        recv = _empty(n * mine, x.dtype, x.device)
-        comm.alltoall(recv, x.contiguous(), [mine] * n, lengths, "reduce-scatter of the updates")
-        src = _MemoryShard(recv.view(n, mine), comm)
+        recv = _empty(len(rows) * mine, x.dtype, x.device)
+        comm.alltoall(recv, x if sending else x[:0], [c * mine for c in counts],
+                      lengths if sending else [0] * n, "reduce-scatter of the updates")
+        src = _MemoryShard(recv.view(len(rows), mine), comm)
     else:
         wire = Wire(codec, block, lengths)
-        send = torch.empty(n * wire.slot, dtype=torch.uint8)
-        slots = send.view(n, wire.slot)
-        for j, (a, b) in enumerate(bounds):
-            wire.encode(x[a:b], j, slots[j], _shard_seed(base, 1, me, j))
-        recv = torch.empty(n * wire.slot, dtype=torch.uint8)
-        comm.alltoall(recv, send, [wire.slot] * n, [wire.slot] * n, "reduce-scatter of the encoded updates")
-        payloads = [wire.open(row, me, r) for r, row in enumerate(recv.view(n, wire.slot))]
+        send = torch.empty(n * wire.slot if sending else 0, dtype=torch.uint8)
+        if sending:
+            slots = send.view(n, wire.slot)
+            for j, (a, b) in enumerate(bounds):
+                wire.encode(x[a:b], j, slots[j], _shard_seed(base, 1, me, j))
+        recv = torch.empty(len(rows) * wire.slot, dtype=torch.uint8)
+        comm.alltoall(recv, send, [c * wire.slot for c in counts], [wire.slot if sending else 0] * n,
+                      "reduce-scatter of the encoded updates")
+        payloads = [wire.open(row, me, r) for r, row in zip(rows, recv.view(len(rows), wire.slot))]
         src = _CompressedShard(payloads, comm)
 
     # 2. the rule on this rank's shard (partials summed over the ranks)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .._native import set_num_threads
 from .stream import Job, Result, run_job
 
 TIMEOUT = datetime.timedelta(minutes=30)
@@ -99,7 +100,7 @@ def spawn(job: Job, nproc: int, device: str = "auto", *, target=run_job, timeout
 
 def _worker(rank: int, world: int, port: int, job: Job, device: str, queue, threads: int, target, timeout) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(threads)  # the parent's cores, shared: no oversubscription
+    set_num_threads(threads)  # the parent's cores, shared: no oversubscription
     dev = _device(device, rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

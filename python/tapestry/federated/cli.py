@@ -68,6 +68,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default {d.batch_size})")
     t.add_argument("--lr", type=_float, default=d.lr, help=f"client learning rate (default {d.lr}, cosine decay)")
     t.add_argument("--tau", type=_float, default=d.tau, help=f"centered_clipping radius (default {d.tau})")
+    from ..optim import SERVER_OPTIMIZERS
+    s = parser.add_argument_group("server optimizer (tapestry.optim; unset values take the optimizer's defaults)")
+    s.add_argument("--server-opt", default=d.server_opt, choices=SERVER_OPTIMIZERS,
+                   help=f"how the aggregate moves the global model (default {d.server_opt}: add it)")
+    for name, what in [("lr", "server learning rate"), ("momentum", "fedavgm/nesterov momentum"),
+                       ("beta1", "fedadam/fedyogi first-moment decay"), ("beta2", "fedadam/fedyogi second-moment decay"),
+                       ("tau", "fedadam/fedyogi/fedadagrad adaptivity (epsilon)")]:
+        s.add_argument(f"--server-{name}", type=_float, default=None, help=what)
     a = parser.add_argument_group("attack strengths")
     for att in ATTACKS.values():
         if att.param:
@@ -107,7 +115,9 @@ def _configs(args) -> list:
             cfg = Config(task=args.task, rule=rule, attack=attack, byzantine=byz, clients=args.clients,
                          sample=args.sample, rounds=args.rounds, local_steps=args.local_steps,
                          batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, dropout=args.dropout, f=args.f,
-                         strength=strength, tau=args.tau, codec=args.codec, secure=args.secure, seed=args.seed)
+                         strength=strength, tau=args.tau, codec=args.codec, secure=args.secure, seed=args.seed,
+                         server_opt=args.server_opt, server_lr=args.server_lr, server_momentum=args.server_momentum,
+                         server_beta1=args.server_beta1, server_beta2=args.server_beta2, server_tau=args.server_tau)
             validate(cfg)
             configs.append(cfg)
     return configs
@@ -201,7 +211,9 @@ def run(args) -> int:
     details = (f"{first.task}, {first.clients} clients ({first.per_round} per round), {first.rounds} rounds, "
                + (f"Dirichlet alpha={first.alpha}, " if first.task == "digits" else "split by source file, ")
                + f"{100 * first.byzantine:.0f}% Byzantine, seed={first.seed}" + (f", codec {first.codec}" if first.codec else "")
-               + (", secure sum" if first.secure else ""))
+               + (", secure sum" if first.secure else "")
+               + (f", server optimizer {first.server_opt} {first.server_hparams or ''}".rstrip()
+                  if first.server_opt != "fedavg" or first.server_hparams else ""))
     print(md + "\n\n" + details)
     if out:
         record = {"task": first.task, "metric": metric, "command": sys.argv[1:], "settings": details,

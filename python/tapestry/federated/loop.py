@@ -9,8 +9,9 @@ One round, in order:
 4. the Byzantine clients among the rest replace their delta by the attack's (:mod:`.attacks`);
 5. with a codec, every delta travels compressed (honest clients keep an error-feedback residual);
    with ``secure``, deltas are masked and the server learns only their sum (FedAvg only);
-6. the server aggregates the deltas with the rule, adds the result to the global model and
-   evaluates it on the test set.
+6. the server aggregates the deltas with the rule, moves the global model by the server optimizer
+   (:mod:`tapestry.optim`; the default ``fedavg`` with lr 1 adds the aggregate) and evaluates it on
+   the test set.
 
 Everything is deterministic under ``seed`` (model init, splits, sampling, batches, attacks).
 """
@@ -28,6 +29,7 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ..aggregators import NNM, RULES, Rule, make_rule
+from ..optim import server_optimizer
 from . import hooks
 from .attacks import craft, get_attack
 from .tasks import Task, load_task
@@ -57,6 +59,12 @@ class Config:
     codec: str | None = None        # tapestry.compression codec, None: dense float32
     secure: bool = False            # pairwise-masked secure sum (FedAvg only)
     seed: int = 0
+    server_opt: str = "fedavg"      # tapestry.optim server optimizer; hyperparameters below (None: its default)
+    server_lr: float | None = None
+    server_momentum: float | None = None
+    server_beta1: float | None = None
+    server_beta2: float | None = None
+    server_tau: float | None = None
     extra: dict = field(default_factory=dict)  # reserved for hooks (codec block size, ...)
 
     # Derived sizes, the same in every round (the rule's requirements are checked against them).
@@ -75,6 +83,13 @@ class Config:
     @property
     def n_byzantine(self) -> int:
         return round(self.byzantine * self.clients)
+
+    @property
+    def server_hparams(self) -> dict:
+        """The server optimizer's hyperparameters that were set (the rest take its defaults)."""
+        given = {"lr": self.server_lr, "momentum": self.server_momentum, "beta1": self.server_beta1,
+                 "beta2": self.server_beta2, "tau": self.server_tau}
+        return {k: v for k, v in given.items() if v is not None}
 
     @property
     def rule_f(self) -> int:
@@ -132,6 +147,11 @@ def validate(config: Config) -> None:
     if config.n_byzantine >= config.clients:
         raise ValueError(f"byzantine {config.byzantine} makes all {config.clients} clients Byzantine")
     hooks.check(config)
+    try:  # names and ranges of the server optimizer's settings, on a one-value model
+        server_optimizer(config.server_opt, torch.zeros(1), **config.server_hparams)
+    except (ValueError, TypeError) as exc:
+        flags = ", ".join(f"--server-{k}" for k in config.server_hparams)
+        raise ValueError(f"--server-opt {config.server_opt}: {exc}" + (f" (set by {flags})" if flags else "")) from None
     rule = build_rule(config)
     try:  # the rule's own requirement, with the numbers of a real round
         rule(torch.zeros(config.answering, 1))
@@ -236,6 +256,7 @@ def simulate(config: Config, *, task: Task | None = None,
         torch.manual_seed(config.seed)
         model = task.make_model()
         w = parameters_to_vector(model.parameters()).detach().clone()
+        opt = server_optimizer(config.server_opt, w, **config.server_hparams)  # moves w in place
         order = torch.randperm(config.clients, generator=_gen(config.seed, 1))
         byzantine = set(order[:config.n_byzantine].tolist())
         transport = hooks.Transport(config)
@@ -257,7 +278,7 @@ def simulate(config: Config, *, task: Task | None = None,
             agg = transport.aggregate(rule, deltas, sampled, dropped, byzantine, rnd)
             if not bool(torch.isfinite(agg).all()):
                 bad_rounds += 1
-            w = w + agg
+            opt.step(agg, allow_nonfinite=True)  # FedAvg under NaN senders: the model takes the NaN (counted above)
             vector_to_parameters(w.clone(), model.parameters())
             model.eval()
             metrics = task.evaluate(model)

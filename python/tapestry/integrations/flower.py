@@ -19,6 +19,13 @@ model, encoded by :mod:`tapestry.compression` with error feedback, one ``uint8``
 ``"tapestry-payload"``). The strategy then aggregates the payloads with the same rule, decoding
 block by block, and adds the result to the global model it sent. Every reply of a round must be
 compressed or every reply dense.
+
+Server optimizer: with ``server_optimizer="fedadam"`` (or any name of :mod:`tapestry.optim`, a
+``(name, hparams)`` pair, a dict ``{"name": ..., **hparams}``, or a factory ``params -> optimizer``)
+the rule aggregates the deltas ``reply - global`` (the global model this strategy sent) and the
+optimizer moves the global model by that aggregate: ``TapestryStrategy("mean",
+server_optimizer="fedadam")`` is Flower's ``FedAdam``, with any rule in place of the mean.
+``strategy.outer_optimizer`` is the optimizer (its ``state_dict()`` resumes a run).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("tapestry.integrations.flower needs the flwr package (pip install 'flwr>=1.42')") from exc
 
 from ..aggregators import Mean, Rule, make_rule
+from ..optim import server_optimizer as _server_optimizer
 
 PAYLOAD_KEY = "tapestry-payload"
 
@@ -61,12 +69,17 @@ class TapestryStrategy(FedAvg):
     ``rule``: a rule name (see ``tapestry.RULES``, or ``nnm+<rule>``) with ``rule_params``, or a
     rule object. ``weighted``: pass each reply's ``weighted_by_key`` metric (``num-examples``) as
     weights; defaults to True for ``mean`` (FedAvg) and False otherwise (Flower's robust strategies
-    ignore example counts too). Other keyword arguments go to Flower's ``FedAvg``.
+    ignore example counts too). ``server_optimizer``: see the module docstring (None: the
+    aggregate is the new global model, as Flower's ``FedAvg``). Other keyword arguments go to
+    Flower's ``FedAvg``.
     """
 
     def __init__(self, rule: str | Rule = "mean", *, rule_params: dict | None = None, weighted: bool | None = None,
-                 **fedavg_kwargs: Any) -> None:
+                 server_optimizer: Any = None, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
+        self._opt_factory = _optimizer_factory(server_optimizer)
+        self.outer_optimizer = None  # built on the first aggregation, over a copy of the global model
+        self._outer_params: dict | None = None
         if isinstance(rule, str):
             self.rule = make_rule(rule, **(rule_params or {}))
         elif isinstance(rule, Rule):
@@ -81,7 +94,8 @@ class TapestryStrategy(FedAvg):
         self._global: ArrayRecord | None = None
 
     def summary(self) -> None:
-        log(INFO, "\t├──> Tapestry rule: %r (weighted: %s)", self.rule, self.weighted)
+        log(INFO, "\t├──> Tapestry rule: %r (weighted: %s, server optimizer: %s)", self.rule, self.weighted,
+            self.outer_optimizer or ("none" if self._opt_factory is None else "on first aggregation"))
         super().summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -125,6 +139,11 @@ class TapestryStrategy(FedAvg):
                     raise ValueError(f"node {node}, array {k!r}: {a.dtype}{list(a.shape)}, node {nodes[0]} sent "
                                      f"{a0.dtype}{list(a0.shape)}")
             updates.append(arrays)
+        if self._opt_factory is not None:  # the rule aggregates deltas from the global model
+            glob = self._global_arrays(keys, [a.shape for a in updates[0]])
+            updates = [[(a - g).astype(a.dtype, copy=False) for a, g in zip(u, glob)] for u in updates]
+            agg, self.last_info = self.rule(updates, return_info=True, **kwargs)
+            return self._outer_step(keys, glob, agg)
         agg, self.last_info = self.rule(updates, return_info=True, **kwargs)
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in zip(keys, agg)})
 
@@ -145,6 +164,9 @@ class TapestryStrategy(FedAvg):
         if not isinstance(delta, dict) or list(delta.keys()) != keys:
             got = list(delta.keys()) if isinstance(delta, dict) else type(delta).__name__
             raise ValueError(f"compressed updates describe {got}, the global model has arrays {keys}")
+        if self._opt_factory is not None:
+            glob = self._global_arrays(keys, [self._global[k].shape for k in keys])
+            return self._outer_step(keys, glob, [delta[k] for k in keys])
         out = {}
         for k in keys:
             g = self._global[k].numpy()
@@ -153,6 +175,55 @@ class TapestryStrategy(FedAvg):
                 raise ValueError(f"compressed update of array {k!r} has shape {list(v.shape)}, the model {list(g.shape)}")
             out[k] = Array((g.astype(np.float32) + v).astype(g.dtype))
         return ArrayRecord(out)
+
+    def _global_arrays(self, keys: list, shapes: list) -> list[np.ndarray]:
+        """The global model this strategy sent, checked against the replies' keys and shapes."""
+        if self._global is None:
+            raise ValueError("a server optimizer needs the global model this strategy sent (configure_train first)")
+        if list(self._global.keys()) != keys:
+            raise ValueError(f"replies hold arrays {keys}, the global model {list(self._global.keys())}")
+        glob = [self._global[k].numpy() for k in keys]
+        for k, g, s in zip(keys, glob, shapes):
+            if tuple(g.shape) != tuple(s):
+                raise ValueError(f"array {k!r}: replies have shape {list(s)}, the global model {list(g.shape)}")
+        return glob
+
+    def _outer_step(self, keys: list, glob: list[np.ndarray], agg: list) -> ArrayRecord:
+        """The global model moved by the server optimizer from the aggregate of deltas ``agg``."""
+        import torch
+
+        if self._outer_params is None:
+            self._outer_params = {k: torch.from_numpy(np.array(g, copy=True)) for k, g in zip(keys, glob)}
+            self.outer_optimizer = self._opt_factory(self._outer_params)
+        elif list(self._outer_params) != keys:
+            raise ValueError(f"the model's arrays changed from {list(self._outer_params)} to {keys}")
+        for k, g in zip(keys, glob):  # start from the model sent (the optimizer's state carries over)
+            self._outer_params[k].numpy()[...] = g
+        self.outer_optimizer.step([np.asarray(a.numpy() if hasattr(a, "numpy") else a) for a in agg],
+                                  allow_nonfinite=True)  # as FedAvg: a NaN aggregate reaches the model
+        return ArrayRecord({k: Array(self._outer_params[k].numpy().astype(g.dtype, copy=True))
+                            for k, g in zip(keys, glob)})
+
+
+def _optimizer_factory(spec: Any):
+    """``params -> server optimizer`` from a name, ``(name, hparams)``, ``{"name": ..., **hparams}`` or a
+    callable; the name and hyperparameters are checked now, not at the first aggregation."""
+    if spec is None or callable(spec):
+        return spec
+    if isinstance(spec, str):
+        name, hparams = spec, {}
+    elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict):
+        name, hparams = spec
+    elif isinstance(spec, dict) and "name" in spec:
+        hparams = dict(spec)
+        name = hparams.pop("name")
+    else:
+        raise TypeError("server_optimizer must be a name, (name, hparams), {'name': ..., **hparams} or a "
+                        f"factory params -> optimizer, got {spec!r}")
+    import torch
+
+    _server_optimizer(name, torch.zeros(1), **hparams)  # raises ValueError/TypeError naming what is wrong
+    return lambda params: _server_optimizer(name, params, **hparams)
 
 
 __all__ = ["TapestryStrategy", "compress_update", "PAYLOAD_KEY"]
