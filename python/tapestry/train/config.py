@@ -107,7 +107,7 @@ def validate(config: TrainConfig) -> None:
     requirement on the participant count (its check, run on a dummy input of that many rows)."""
     from ..distributed.allreduce import CODECS
     from ..federated.attacks import get_attack
-    from ._standin import SERVER_OPTIMIZERS
+    from ..optim import SERVER_OPTIMIZERS
 
     c = config
     if c.task != "charlm":
@@ -151,7 +151,7 @@ def validate(config: TrainConfig) -> None:
                              f"it takes no --attack, --codec or --rule (got attack {c.attack!r}, codec {c.codec!r}, "
                              f"rule {c.rule!r})")
         return
-    from ._standin import server_optimizer
+    from ..optim import server_optimizer
     server_optimizer(c.outer, torch.zeros(1), **c.outer_hparams)  # its own hyperparameter checks
     rule = build_rule(c)
     try:

@@ -35,7 +35,7 @@ from ..distributed import CollectiveError, all_reduce
 from ..federated.attacks import get_attack
 from ..federated.loop import _gen
 from . import checkpoint
-from ._standin import server_optimizer
+from ..optim import server_optimizer
 from .config import TrainConfig, build_rule
 from .data import Batches, evaluate, load_shards, make_model
 
