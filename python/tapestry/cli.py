@@ -1,4 +1,4 @@
-"""``tapestry simulate | aggregate | bench | info`` (also ``python -m tapestry ...``).
+"""``tapestry simulate | aggregate | train | bench | info`` (also ``python -m tapestry ...``).
 
 Each subcommand lives in the module that owns its work and provides ``HELP``,
 ``configure(parser)`` and ``run(args) -> int``; this file only wires them together.
@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "simulate": "tapestry.federated.cli",
     "aggregate": "tapestry.distributed.cli",
+    "train": "tapestry.train.cli",
     "bench": "tapestry.bench",
     "info": "tapestry.info",
 }

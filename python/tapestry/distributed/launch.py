@@ -43,12 +43,15 @@ def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
-def run(job: Job, *, nproc: int = 1, device: str = "auto") -> Result | None:
+def run(job: Job, *, nproc: int = 1, device: str = "auto", target=run_job,
+        timeout: datetime.timedelta = TIMEOUT) -> Result | None:
     """Run ``job`` in this process, as a torchrun rank, or over ``nproc`` spawned local ranks;
-    the result comes back on rank 0 (this process for ``nproc``)."""
+    the result comes back on rank 0 (this process for ``nproc``). ``target(job, rank=, world=,
+    device=)`` does the work on every rank (default: an aggregation job); ``timeout``: the process
+    group's, for every collective."""
     if dist.is_available() and dist.is_initialized():
         dev = _device(device, int(os.environ.get("LOCAL_RANK", "0")))
-        return run_job(job, rank=dist.get_rank(), world=dist.get_world_size(), device=dev)
+        return target(job, rank=dist.get_rank(), world=dist.get_world_size(), device=dev)
     if under_torchrun():
         if nproc != 1:
             raise ValueError("--nproc is for local runs; under torchrun use --nproc-per-node")
@@ -56,24 +59,24 @@ def run(job: Job, *, nproc: int = 1, device: str = "auto") -> Result | None:
         dev = _device(device, local)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(_backend(dev), timeout=TIMEOUT)
+        dist.init_process_group(_backend(dev), timeout=timeout)
         try:
-            return run_job(job, rank=dist.get_rank(), world=dist.get_world_size(), device=dev)
+            return target(job, rank=dist.get_rank(), world=dist.get_world_size(), device=dev)
         finally:
             dist.destroy_process_group()
-    if nproc == 1:
+    if nproc == 1 and target is run_job:
         return run_job(job, device=_device(device, 0))
-    return spawn(job, nproc, device)
+    return spawn(job, nproc, device, target=target, timeout=timeout)
 
 
-def spawn(job: Job, nproc: int, device: str = "auto") -> Result:
+def spawn(job: Job, nproc: int, device: str = "auto", *, target=run_job, timeout: datetime.timedelta = TIMEOUT) -> Result:
     """``nproc`` local ranks (spawned, loopback only); errors come back with their own type."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
     try:
         threads = max(1, torch.get_num_threads() // nproc)
-        mp.start_processes(_worker, args=(nproc, port, job, device, queue, threads), nprocs=nproc, join=True,
+        mp.start_processes(_worker, args=(nproc, port, job, device, queue, threads, target, timeout), nprocs=nproc, join=True,
                            start_method="spawn")
     except mp.ProcessRaisedException:
         pass  # the worker's error is in the queue
@@ -95,16 +98,16 @@ def spawn(job: Job, nproc: int, device: str = "auto") -> Result:
     return result
 
 
-def _worker(rank: int, world: int, port: int, job: Job, device: str, queue, threads: int) -> None:
+def _worker(rank: int, world: int, port: int, job: Job, device: str, queue, threads: int, target, timeout) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     set_num_threads(threads)  # the parent's cores, shared: no oversubscription
     dev = _device(device, rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init_process_group(_backend(dev), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=TIMEOUT)
+                            timeout=timeout)
     try:
-        result = run_job(job, rank=rank, world=world, device=dev)
+        result = target(job, rank=rank, world=world, device=dev)
         if rank == 0:
             # plain pickle: torch's queue reducers would share tensors through this process's fds
             queue.put(("result", rank, pickle.dumps(result)))

@@ -129,11 +129,11 @@ def _fmt(metric: str, value: float) -> str:
     return f"{100 * value:.1f}" if metric == "accuracy" else f"{value:.3f}"
 
 
-def summary_markdown(runs, metric: str) -> str:
-    """Final metric per (attack row, rule column), as a markdown table."""
-    rules = list(dict.fromkeys(r.rule for r in runs))
+def summary_markdown(runs, metric: str, label=lambda r: r.rule) -> str:
+    """Final metric per (attack row, rule column), as a markdown table (``label(run)``: its column)."""
+    rules = list(dict.fromkeys(label(r) for r in runs))
     attacks = list(dict.fromkeys(r.attack for r in runs))
-    cell = {(r.attack, r.rule): r for r in runs}
+    cell = {(r.attack, label(r)): r for r in runs}
     head = "final test accuracy (%)" if metric == "accuracy" else "final held-out loss (nats/char)"
     lines = [f"| attack \\ rule ({head}) | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
     for attack in attacks:
@@ -145,7 +145,7 @@ def summary_markdown(runs, metric: str) -> str:
     return "\n".join(lines)
 
 
-def plot(runs, metric: str, path: str) -> None:
+def plot(runs, metric: str, path: str, label=lambda r: r.rule, xlabel: str = "round") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -159,10 +159,10 @@ def plot(runs, metric: str, path: str) -> None:
     for ax, attack in zip(axes.flat, attacks):
         for r in (r for r in runs if r.attack == attack):
             ys = r.accuracy if metric == "accuracy" else r.loss
-            ax.plot(range(1, len(ys) + 1), [100 * y if metric == "accuracy" else y for y in ys], label=r.rule)
+            ax.plot(range(1, len(ys) + 1), [100 * y if metric == "accuracy" else y for y in ys], label=label(r))
         byz = next(r for r in runs if r.attack == attack).config["byzantine"]
         ax.set_title(f"attack: {attack}" + (f" ({100 * byz:.0f}% Byzantine)" if byz else ""))
-        ax.set_xlabel("round")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel("test accuracy (%)" if metric == "accuracy" else "held-out loss (nats/char)")

@@ -185,6 +185,7 @@ def load_charlm(clients: int, alpha: float, seed: int, *, chars_per_client: int 
     held = b"".join(_read_ascii(p, test_chars // 2) for p in files[clients:clients + 2])
     task = CharText("charlm", [(None, t) for t in texts], (None, None), "loss")
     held_t = torch.frombuffer(bytearray(held), dtype=torch.uint8).long()
+    task.held_text = held_t  # the whole held-out text (tapestry train cuts its own windows)
     starts = torch.arange(0, len(held_t) - task.context - 1, task.context + 1)[:256]
     task.test = task._windows(held_t, starts)
     return task
