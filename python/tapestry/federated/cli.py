@@ -145,7 +145,8 @@ def summary_markdown(runs, metric: str, label=lambda r: r.rule) -> str:
     return "\n".join(lines)
 
 
-def plot(runs, metric: str, path: str, label=lambda r: r.rule, xlabel: str = "round") -> None:
+def plot(runs, metric: str, path: str, label=lambda r: r.rule, xlabel: str = "round", ylim=None) -> None:
+    """One panel per attack, one line per run (``label(run)``); ``ylim``: (bottom, top) of every panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -166,7 +167,12 @@ def plot(runs, metric: str, path: str, label=lambda r: r.rule, xlabel: str = "ro
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel("test accuracy (%)" if metric == "accuracy" else "held-out loss (nats/char)")
-    axes.flat[0].legend(fontsize=8)
+    if ylim is not None:
+        axes.flat[0].set_ylim(*ylim)
+    panels = [[label(r) for r in runs if r.attack == attack] for attack in attacks]
+    for ax, names in zip(axes.flat, panels):
+        if ax is axes.flat[0] or names != panels[0]:  # one legend, unless the panels' lines differ
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

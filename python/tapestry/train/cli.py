@@ -217,6 +217,14 @@ def write_results(out: str, records: list, command: list[str]) -> None:
     md = markdown(ns)
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write(md + "\n")
-    plot(ns, "loss", os.path.join(out, "loss.png"), label=_label, xlabel="outer step")
+    # the y axis from the best loss to the initial one: a diverging run leaves the plot, its final loss in its label
+    finite = [v for r in ns for v in r.loss if math.isfinite(v)] or [0.0]
+    top = 1.05 * max(r.initial_loss for r in ns)
+    ylim = (0.95 * min(finite), top)
+
+    def label(r):
+        final = r.loss[-1]
+        return _label(r) + ("" if final <= top else f" (final {final:.3g})")
+    plot(ns, "loss", os.path.join(out, "loss.png"), label=label, xlabel="outer step", ylim=ylim)
     print(md, flush=True)
     print(f"wrote {out}/results.json, results.md, loss.png", file=sys.stderr)
