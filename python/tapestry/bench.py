@@ -40,6 +40,7 @@ FAMILIES = {
     "robust": "tapestry.bench",
     "compression": "tapestry.compression.bench_cases",
     "secure": "tapestry.secure.bench_cases",
+    "byzfl": "tapestry.aggregators.bench_cases",
 }
 
 

@@ -20,24 +20,21 @@ def _anchor_pass(src: Columns, z: torch.Tensor, *, dots: bool) -> tuple[torch.Te
     """One pass over ``src`` against the vector ``z`` (this shard's part): per client, float64 on
     the CPU, ``|x_i - z|^2`` (``dots=False``) or ``x_i . z`` (``dots=True``), ``|x_i|^2``, and
     whether the client holds a non-finite value. Products are summed in float32 over chunks of a
-    few thousand columns (exact differences, one rounding each) and the chunks in float64."""
+    ``CHUNK`` columns (exact differences, one rounding each) and the chunks in float64."""
     n = src.n
     first = torch.zeros(n, dtype=torch.float64, device=src.device)
     norms = torch.zeros(n, dtype=torch.float64, device=src.device)
     bad = torch.zeros(n, dtype=torch.float64, device=src.device)
     z = z.to(device=src.device, dtype=torch.float32)
-    step = 8192
     for a, b in _sub_chunks(src):
-        for s in range(a, b, step):
-            e = min(s + step, b)
-            X = src.read(s, e).to(torch.float32)
-            zc = z[s:e]
-            if dots:
-                first += (X @ zc).to(torch.float64)
-            else:
-                diff = X - zc
-                first += torch.linalg.vecdot(diff, diff).to(torch.float64)
-            norms += torch.linalg.vecdot(X, X).to(torch.float64)
+        X = src.read(a, b).to(torch.float32)
+        zc = z[a:b]
+        if dots:
+            first += (X @ zc).to(torch.float64)
+        else:
+            diff = X - zc
+            first += torch.linalg.vecdot(diff, diff).to(torch.float64)
+        norms += torch.linalg.vecdot(X, X).to(torch.float64)
     bad += (~torch.isfinite(norms)).to(torch.float64)
     out = src.reduce(torch.stack([first, norms, bad])).cpu()
     return out[0], out[1], out[2] > 0

@@ -29,9 +29,8 @@ def row_norms(src: Columns) -> torch.Tensor:
     """``|x_i|`` of every client, float64 on the CPU (NaN or inf for non-finite clients)."""
     sq = torch.zeros(src.n, dtype=torch.float64, device=src.device)
     for a, b in _sub_chunks(src):
-        for s in range(a, b, 8192):  # float32 products over a few thousand columns, float64 across
-            X = src.read(s, min(s + 8192, b)).to(torch.float32)
-            sq += torch.linalg.vecdot(X, X).to(torch.float64)
+        X = src.read(a, b).to(torch.float32)  # float32 products over a chunk, float64 across chunks
+        sq += torch.linalg.vecdot(X, X).to(torch.float64)
     return src.reduce(sq).cpu().sqrt()
 
 
@@ -55,15 +54,26 @@ class Scaled(Columns):
 
 
 class Buckets(Columns):
-    """The means of the buckets ``groups`` (lists of client indices), in float64, as float32."""
+    """The means of the buckets ``groups`` (lists of client indices) as float32: one float32
+    matrix product ``A @ block`` per block (``A`` holds ``1/|bucket|``), as ByzFL's float32 means.
+    Where a block holds a non-finite value (``0 * inf`` would spoil other buckets), those buckets
+    are recomputed from their own members only."""
 
     def __init__(self, src: Columns, groups: list[list[int]]):
         self.src, self.n, self.d, self.device = src, len(groups), src.d, src.device
+        A = torch.zeros(len(groups), src.n, dtype=torch.float32)
+        for b, g in enumerate(groups):
+            A[b, g] = 1.0 / len(g)
+        self._A = A.to(src.device)
         self._groups = [torch.tensor(g, dtype=torch.int64, device=src.device) for g in groups]
 
     def read(self, start, stop):
-        block = self.src.read(start, stop)
-        return torch.stack([block.index_select(0, g).to(torch.float64).mean(0) for g in self._groups]).to(torch.float32)
+        block = self.src.read(start, stop).to(torch.float32)
+        out = self._A @ block
+        bad = ~torch.isfinite(out).all(dim=1)
+        for b in torch.nonzero(bad).flatten().tolist():
+            out[b] = block.index_select(0, self._groups[b]).to(torch.float64).mean(0).to(torch.float32)
+        return out
 
     def blocks(self):
         for a, b in self.src.blocks():  # bounded float64 temporaries: split big blocks

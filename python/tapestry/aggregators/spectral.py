@@ -125,7 +125,7 @@ class Sampled(Columns):
         while i < cols.numel():  # one read per run of sampled columns within CHUNK of each other
             a = int(cols[i])
             j = int(torch.searchsorted(cols, a + CHUNK))
-            pieces.append(self.src.read(a, int(cols[j - 1]) + 1)[:, (cols[i:j] - a).to(self.device)])
+            pieces.append(self.src.read(a, int(cols[j - 1]) + 1).index_select(1, (cols[i:j] - a).to(self.device)))
             i = j
         return torch.cat(pieces, 1) if pieces else self.src.read(0, 0)
 
