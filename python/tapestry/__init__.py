@@ -26,6 +26,10 @@ from .aggregators import (
     TrimmedMean, bulyan, centered_clipping, geometric_median, krum, make_rule, mean, median, multi_krum, nnm,
     trimmed_mean,
 )
+from .aggregators import (
+    ARC, CAF, MDA, SMEA, Bucketing, Clipping, DnC, FLTrust, Meamed, MoNNA, arc, bucketing, caf, clipping, dnc, fltrust,
+    mda, meamed, monna, smea,
+)
 from .ops import BackendError, available_backends, backend
 from .updates import UpdateSpec, as_matrix
 
@@ -46,5 +50,7 @@ __all__ = [
     "AggregationInfo", "Rule", "RULES", "make_rule", "UpdateSpec", "as_matrix",
     "Mean", "TrimmedMean", "Median", "Krum", "MultiKrum", "Bulyan", "NNM", "GeometricMedian", "CenteredClipping",
     "mean", "trimmed_mean", "median", "krum", "multi_krum", "bulyan", "nnm", "geometric_median", "centered_clipping",
+    "MDA", "MoNNA", "Meamed", "CAF", "SMEA", "DnC", "FLTrust", "Bucketing", "Clipping", "ARC",
+    "mda", "monna", "meamed", "caf", "smea", "dnc", "fltrust", "bucketing", "clipping", "arc",
     "backend", "available_backends", "BackendError", "__version__",
 ]

@@ -41,6 +41,7 @@ FAMILIES = {
     "compression": "tapestry.compression.bench_cases",
     "secure": "tapestry.secure.bench_cases",
     "collective": "tapestry.distributed.bench_cases",
+    "byzfl": "tapestry.aggregators.bench_cases",
 }
 
 

@@ -19,7 +19,17 @@ ipm         epsilon      0.1      ``-epsilon * mean`` of the honest updates (inn
 labelflip                         its update trained on flipped labels (class c learnt as 9 - c)
 nan                               NaN in every coordinate
 inf                               +Inf and -Inf in alternate coordinates
+optimal_alie                      ``mean + tau * std`` of the benign updates, ``tau`` searched against the
+                                  rule in use (ByzFL's Optimal ALIE; :mod:`.adaptive_attacks`)
+optimal_ipm                       ``-tau * mean`` of the benign updates, ``tau`` searched likewise
+mimic       epsilon      0        a copy of benign client ``epsilon`` (ByzFL's Mimic)
+minmax                            Min-Max (Shejwalkar and Houmansadr 2021), unit-vector perturbation
+minsum                            Min-Sum (same paper)
 =========== ============ ======== =========================================================================
+
+The last five see only the benign updates (the rows of the round's non-Byzantine clients), as in
+ByzFL and the papers; the optimal ones also the rule (``craft(..., rule=)``), and count the
+round's Byzantine clients as ByzFL's ``f``.
 
 Dropouts are not an attack: they are the ``dropout`` fraction of each round's sample that never
 answers (``simulate(..., dropout=...)``).
@@ -34,6 +44,8 @@ from typing import Callable
 
 import torch
 
+from . import adaptive_attacks
+
 
 @dataclass(frozen=True)
 class Attack:
@@ -43,6 +55,7 @@ class Attack:
     default: float | None = None
     help: str = ""
     poisons_data: bool = False  # label flipping acts on the training data, not on the update
+    benign_only: bool = False  # craft(benign, strength, k, rule) -> (d,): sees the benign rows and the rule
 
 
 def alie_z(n: int, f: int) -> float:
@@ -88,6 +101,26 @@ def _inf(own, honest, strength, gen, n, f):
     return out
 
 
+def _optimal_alie(benign, strength, k, rule):
+    return adaptive_attacks.optimal_alie(benign, k, rule)
+
+
+def _optimal_ipm(benign, strength, k, rule):
+    return adaptive_attacks.optimal_ipm(benign, k, rule)
+
+
+def _mimic(benign, epsilon, k, rule):
+    return adaptive_attacks.mimic(benign, int(epsilon))
+
+
+def _minmax(benign, strength, k, rule):
+    return adaptive_attacks.minmax(benign)
+
+
+def _minsum(benign, strength, k, rule):
+    return adaptive_attacks.minsum(benign)
+
+
 ATTACKS: dict[str, Attack] = {a.name: a for a in [
     Attack("none", _none),
     Attack("signflip", _signflip, "scale", 4.0, "sign flip: send -SCALE times the honest update"),
@@ -98,6 +131,11 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in [
     Attack("labelflip", _none, poisons_data=True),
     Attack("nan", _nan),
     Attack("inf", _inf),
+    Attack("optimal_alie", _optimal_alie, help="ALIE with its factor searched against the rule (ByzFL)", benign_only=True),
+    Attack("optimal_ipm", _optimal_ipm, help="IPM with its factor searched against the rule (ByzFL)", benign_only=True),
+    Attack("mimic", _mimic, "epsilon", 0, "mimic: copy benign client EPSILON", benign_only=True),
+    Attack("minmax", _minmax, help="Min-Max (Shejwalkar & Houmansadr 2021)", benign_only=True),
+    Attack("minsum", _minsum, help="Min-Sum (Shejwalkar & Houmansadr 2021)", benign_only=True),
 ]}
 
 
@@ -108,12 +146,21 @@ def get_attack(name: str) -> Attack:
 
 
 def craft(attack: Attack, honest: torch.Tensor, byz_rows: list[int], strength: float | None,
-          gen: torch.Generator, f: int) -> torch.Tensor:
-    """The round's updates with the rows ``byz_rows`` replaced by ``attack``'s malicious ones."""
+          gen: torch.Generator, f: int, rule=None) -> torch.Tensor:
+    """The round's updates with the rows ``byz_rows`` replaced by ``attack``'s malicious ones
+    (``rule``: the rule in use, which the optimal attacks search against)."""
     if not byz_rows or attack.name in ("none", "labelflip"):
         return honest
     s = attack.default if strength is None else strength
     out = honest.clone()
     rows = torch.tensor(byz_rows, dtype=torch.long)
+    if attack.benign_only:
+        benign = honest[[i for i in range(honest.shape[0]) if i not in set(byz_rows)]]
+        if benign.shape[0] == 0:
+            return out
+        if rule is None and attack.name.startswith("optimal"):
+            raise TypeError(f"attack {attack.name!r} searches against the rule in use: craft(..., rule=...)")
+        out[rows] = attack.craft(benign, s, len(byz_rows), rule).to(out.dtype)
+        return out
     out[rows] = attack.craft(honest[rows], honest, s, gen, honest.shape[0], f)
     return out

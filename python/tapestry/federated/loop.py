@@ -274,7 +274,7 @@ def simulate(config: Config, *, task: Task | None = None,
                             flip_labels=attack.poisons_data and c in byzantine)
                 for c in sampled])
             byz_rows = [i for i, c in enumerate(sampled) if c in byzantine and c not in dropped]
-            deltas = craft(attack, deltas, byz_rows, config.strength, _gen(config.seed, 5, rnd), config.rule_f)
+            deltas = craft(attack, deltas, byz_rows, config.strength, _gen(config.seed, 5, rnd), config.rule_f, rule=rule)
             agg = transport.aggregate(rule, deltas, sampled, dropped, byzantine, rnd)
             if not bool(torch.isfinite(agg).all()):
                 bad_rounds += 1
