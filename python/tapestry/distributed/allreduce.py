@@ -73,19 +73,30 @@ class Comm:
         self.timeout = float(timeout)
         self.bytes_sent = 0
 
+    def _failed(self, what: str, exc: Exception) -> CollectiveError:
+        return CollectiveError(f"all_reduce: rank {self.rank}: the {what} failed or did not complete within "
+                               f"{self.timeout:g} s (a peer died, hung or raised): {exc}")
+
+    def _submit(self, what: str, op, *args):
+        """Start a collective; a peer already gone can make the submission itself raise."""
+        try:
+            return op(*args)
+        except Exception as exc:  # gloo: "Connection closed by peer", ...
+            raise self._failed(what, exc) from None
+
     def _wait(self, work, what: str) -> None:
         try:
             ok = work.wait(datetime.timedelta(seconds=self.timeout))
         except Exception as exc:  # gloo: "Operation timed out!", "Connection closed by peer", ...
-            raise CollectiveError(f"all_reduce: rank {self.rank}: the {what} failed or did not complete within "
-                                  f"{self.timeout:g} s (a peer died, hung or raised): {exc}") from None
+            raise self._failed(what, exc) from None
         if ok is False:
             raise CollectiveError(f"all_reduce: rank {self.rank}: the {what} did not complete within {self.timeout:g} s")
 
     def alltoall(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
                  what: str) -> None:
         self.bytes_sent += (sum(in_splits) - in_splits[self.rank]) * inp.element_size()
-        self._wait(self.pg.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions()), what)
+        self._wait(self._submit(what, self.pg.alltoall_base, out, inp, out_splits, in_splits,
+                                dist.AllToAllOptions()), what)
 
     def allgather(self, out: torch.Tensor, inp: torch.Tensor, what: str) -> None:
         """``out`` (``size * inp.numel()``) receives every rank's ``inp`` in rank order.
@@ -97,13 +108,13 @@ class Comm:
         rows = out.view(self.size, -1)
         self.bytes_sent += (self.size - 1) * inp.numel() * inp.element_size()
         if not self.p2p:
-            self._wait(self.pg.allgather([list(rows.unbind(0))], [inp], AllgatherOptions()), what)
+            self._wait(self._submit(what, self.pg.allgather, [list(rows.unbind(0))], [inp], AllgatherOptions()), what)
             return
         works = []
         for k in range(1, self.size):
             dst, src = (self.rank + k) % self.size, (self.rank - k) % self.size
-            works.append(self.pg.send([inp], dst, 0))
-            works.append(self.pg.recv([rows[src]], src, 0))
+            works.append(self._submit(what, self.pg.send, [inp], dst, 0))
+            works.append(self._submit(what, self.pg.recv, [rows[src]], src, 0))
         rows[self.rank].copy_(inp)
         for work in works:
             self._wait(work, what)
