@@ -35,11 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse's "error:" line (a flag out of range...) or --help, printed
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args._run(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, PermissionError) as exc:
         print(f"tapestry {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"tapestry {args.command}: error: out of memory (an input or a setting needs more memory than "
+              f"this machine has; see --memory-budget)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tapestry {args.command}: interrupted", file=sys.stderr)

@@ -42,7 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--m", type=int_in(1, MAX_CLIENTS), help="multi_krum: number of updates averaged")
     parser.add_argument("--tau", type=float_in(0, 1e300, lo_open=True), help="centered_clipping: clipping radius")
     parser.add_argument("--weights", help="mean: comma-separated client weights (e.g. example counts)")
-    parser.add_argument("--memory-budget", type=size_in(1 << 20, 1 << 50), default=parse_size("1G"),
+    parser.add_argument("--memory-budget", type=size_in(1, 1 << 50), default=parse_size("1G"),
                         help="working memory per process (default 1G; K/M/G = powers of 1024)")
     parser.add_argument("--nproc", type=int_in(1, MAX_NPROC), default=1, help="spawn this many local processes (gloo, or NCCL on GPUs)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -103,7 +103,8 @@ def run(args) -> int:
     if weights is not None:
         from ..aggregators.coordinate import normalised_weights
 
-        rule = _WeightedMean(normalised_weights(weights, len(args.inputs)))
+        normalised_weights(weights, len(args.inputs))  # checked here, normalised once by the rule
+        rule = _WeightedMean(weights)
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     job = Job(list(args.inputs), args.output, rule, args.memory_budget, progress=not args.no_progress,
