@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tapestry {args.command}: error: out of memory (an input or a setting needs more memory than "
               f"this machine has; see --memory-budget)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"tapestry {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM where a command turns it into one
+        code = getattr(exc, "exit_code", 130)
+        print(f"tapestry {args.command}: {'terminated' if code == 143 else 'interrupted'}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
