@@ -54,6 +54,10 @@ MAX_D = 2**32 - 1          # element indices and topk indices are uint32
 MAX_BLOCK = 4096
 MAX_SPEC = 1 << 24         # 16 MiB of JSON is far more than any model's names and shapes
 MAX_NDIM = 32
+# Each entry decodes to a tensor object (~600 bytes of Python and torch): a payload may list
+# MAX_ENTRIES entries, plus one per ENTRY_BYTES of its size, so that decoding stays under 4x its size + 64 MiB
+MAX_ENTRIES = 1 << 16
+ENTRY_BYTES = 160
 TOPK_MAX_EXPANSION = 1 << 16  # a topk payload may describe at most 65536 values per kept value
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -237,7 +241,7 @@ def _dtype_of(value, where: str) -> str:
     return _DTYPE_ORDER[_DTYPE_CODE[value]]
 
 
-def _parse_spec(raw: memoryview, d: int) -> Spec:
+def _parse_spec(raw: memoryview, d: int, size: int = 0) -> Spec:
     """The spec, parsed one JSON value at a time: the top-level object field by field and the
     ``entries`` array entry by entry, so that memory stays a small multiple of the spec's bytes."""
     try:
@@ -258,6 +262,7 @@ def _parse_spec(raw: memoryview, d: int) -> Spec:
             raise _err(f"spec is not valid UTF-8 JSON (expected {' or '.join(map(repr, chars))} at character {pos})")
         return text[pos], pos + 1
 
+    max_entries = MAX_ENTRIES + size // ENTRY_BYTES
     doc: dict = {}
     if text[_WS.match(text, 0).end():][:1] != "{":
         raise _err("spec is not valid UTF-8 JSON for a spec: it must be a JSON object")
@@ -288,6 +293,9 @@ def _parse_spec(raw: memoryview, d: int) -> Spec:
                     while True:
                         e, pos = value_at(_WS.match(text, pos).end())
                         i = len(shapes)
+                        if i >= max_entries:
+                            raise _err(f"spec lists more than {max_entries} entries, the limit for a {size}-byte "
+                                       f"payload ({MAX_ENTRIES} + one per {ENTRY_BYTES} bytes)")
                         if not (isinstance(e, list) and len(e) == 3):
                             raise _err(f"spec entry {i} must be [key, shape, dtype]")
                         shape = _shape_of(e[1], f"spec entry {i}")
@@ -394,7 +402,7 @@ def parse_head(buf: memoryview, size: int, *, max_values: int | None = None) -> 
                    + (" (truncated)" if size < expected else " (trailing bytes)"))
     if any(buf[HEADER.size + spec_len : start]):
         raise _err("spec padding bytes must be zero")
-    spec = _parse_spec(spec_raw, d)
+    spec = _parse_spec(spec_raw, d, size)
     return Payload(codec, d, block, k, bool(flags & FLAG_STOCHASTIC), spec, nbytes=size), start, sizes
 
 
