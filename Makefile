@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-installed
 
-.PHONY: demo test bench build clean gpu-check
+.PHONY: demo test bench build clean gpu-check fuzz
 
 $(STAMP): requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: build
 
 bench: build
 	$(VENV)/bin/tapestry bench
+
+# Offline fuzzing of the decoders (not in CI): a million mutated inputs per target (tools/fuzz.py).
+FUZZ_COUNT ?= 1000000
+fuzz: build
+	$(PY) tools/fuzz.py --count $(FUZZ_COUNT)
 
 # On a GPU machine with its own torch, triton and nvcc and no internet: build in place with the
 # Python found there, run the GPU tests and the CUDA benchmarks, write one report (tools/gpu_check.py).

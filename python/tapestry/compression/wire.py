@@ -416,14 +416,19 @@ def head_length(first: bytes | memoryview) -> int:
 
 
 CHECK_CHUNK = 1 << 20
+_F32_MAX = float(torch.finfo(torch.float32).max)
+MAX_SCALE = {"int8": _F32_MAX / 127, "int4": _F32_MAX / 7}  # absmax / 127 (7) of the largest float32
 
 
 def check_scales(codec: str, scales: torch.Tensor, first_block: int = 0) -> None:
-    """int8/int4 scales must be finite and non-negative (PayloadError naming the block)."""
-    bad = ~torch.isfinite(scales) | (scales < 0)
+    """int8/int4 scales must be finite, non-negative and at most absmax/127 (absmax/7) of the
+    largest float32, as an encoder writes them: no code then decodes to an infinity (PayloadError
+    naming the block)."""
+    limit = MAX_SCALE[codec]
+    bad = ~(scales >= 0) | (scales > limit)
     if bool(bad.any()):
         i = int(torch.nonzero(bad)[0])
-        raise _err(f"{codec} scale of block {first_block + i} is {float(scales[i])} (must be finite and >= 0)")
+        raise _err(f"{codec} scale of block {first_block + i} is {float(scales[i])} (must be in [0, {limit:.6g}])")
 
 
 def check_codes(codec: str, codes: torch.Tensor, first_byte: int = 0) -> None:
