@@ -83,8 +83,8 @@ def test_unaligned_reads_equal_aligned_decoding():
 
 
 def test_spec_of_many_tiny_entries_stays_within_4x_plus_64mib(tmp_path):
-    # ~16 MiB spec of minimal state_dict entries; the old parser kept ~40x the JSON
-    n = 16 * MiB // 24
+    # ~8 MiB spec of minimal state_dict entries; the old parser kept ~40x the JSON
+    n = 8 * MiB // 24
     entries = ",".join(f'["{i:x}",[0],"float32"]' for i in range(n)).encode()
     raw = b'{"form":"state_dict","numpy":false,"entries":[' + entries + b"]}"
     path = tmp_path / "p.bin"
