@@ -27,9 +27,12 @@ test: build
 bench: build
 	$(VENV)/bin/tapestry bench
 
-# Offline, not in CI: mutated messages through the secure-sum state machines (a few minutes on an idle machine).
+# Offline fuzzing, not in CI: a million mutated payloads through the decoders (tools/fuzz.py) and
+# mutated messages through the secure-sum state machines (tools/fuzz_secure.py).
+FUZZ_COUNT ?= 1000000
 fuzz: build
-	PYTHONPATH=python $(PY) tools/fuzz_secure.py --messages 1000000 --rounds 1000
+	$(PY) tools/fuzz.py --count $(FUZZ_COUNT)
+	PYTHONPATH=python $(PY) tools/fuzz_secure.py --messages $(FUZZ_COUNT) --rounds 1000
 
 # On a GPU machine with its own torch, triton and nvcc and no internet: build in place with the
 # Python found there, run the GPU tests and the CUDA benchmarks, write one report (tools/gpu_check.py).

@@ -80,7 +80,7 @@ def test_krum_with_two_processes_equals_one(tmp_path, capsys):
     (["--rule", "trimmed_mean", "--f", "1", "--m", "2"], "rule 'trimmed_mean' does not take --f, --m"),
     (["--rule", "bogus"], "unknown rule 'bogus'"),
     (["--rule", "median", "--memory-budget", "1K"], "--memory-budget 1.0 KiB is too small"),
-    (["--rule", "median", "--nproc", "0"], "--nproc must be >= 1"),
+    (["--rule", "median", "--nproc", "0"], "argument --nproc: 0 is out of range: must be an integer in [1, 1024]"),
     (["--rule", "median", "MISSING"], "missing.safetensors: no such file"),
     (["--rule", "median", "--weights", "1,2"], "--weights applies to --rule mean only"),
 ])

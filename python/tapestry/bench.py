@@ -367,12 +367,14 @@ def _format(r: Row) -> str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from .cli_args import int_in
+
     parser.add_argument("--quick", action="store_true", help="small sizes (d = 2^20), a few repeats: a smoke run")
-    parser.add_argument("--n", type=int, default=None, help="clients (default 32)")
-    parser.add_argument("--d", type=int, default=None, help="parameters (default 4,194,304; 2^26 on CUDA)")
-    parser.add_argument("--f", type=int, default=8, help="Byzantine clients tolerated (default 8)")
+    parser.add_argument("--n", type=int_in(1, 4096), default=None, help="clients (default 32)")
+    parser.add_argument("--d", type=int_in(1, 1 << 31), default=None, help="parameters (default 4,194,304; 2^26 on CUDA)")
+    parser.add_argument("--f", type=int_in(0, 2047), default=8, help="Byzantine clients tolerated (default 8)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--repeat", type=int, default=None, help="timed runs per case (median reported)")
+    parser.add_argument("--repeat", type=int_in(1, 10_000), default=None, help="timed runs per case (median reported)")
     parser.add_argument("--family", action="append", choices=list(FAMILIES), help="only these families (repeatable)")
     parser.add_argument("--json", metavar="FILE", help="write the rows and the machine description as JSON")
 

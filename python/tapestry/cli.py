@@ -36,15 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse's "error:" line (a flag out of range...) or --help, printed
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args._run(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, PermissionError) as exc:
         print(f"tapestry {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"tapestry {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except MemoryError:
+        print(f"tapestry {args.command}: error: out of memory (an input or a setting needs more memory than "
+              f"this machine has; see --memory-budget)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM where a command turns it into one
+        code = getattr(exc, "exit_code", 130)
+        print(f"tapestry {args.command}: {'terminated' if code == 143 else 'interrupted'}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

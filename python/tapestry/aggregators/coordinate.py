@@ -12,17 +12,32 @@ from .base import AggregationInfo, Rule, apply, check_f, indices, nonfinite_rows
 
 
 def normalised_weights(weights: Sequence[float] | torch.Tensor | None, n: int) -> torch.Tensor:
-    """float64 weights summing to 1; checks SPEC.md's ``w_i >= 0``, ``sum w > 0``."""
+    """float64 weights summing to 1; checks SPEC.md's ``w_i >= 0``, ``sum w > 0``, every weight
+    finite, and names the first client whose weight breaks them. The weights are divided by the
+    largest before they are summed, so that weights near 1e308 (example counts a hostile client
+    reports) neither overflow the sum to inf (which would make every weight 0) nor lose the others."""
     if weights is None:
         return torch.full((n,), 1.0 / n, dtype=torch.float64)
-    w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().reshape(-1)
+    try:
+        w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"mean: weights must be numbers, one per client ({exc})") from None
     require(w.numel() == n, f"mean: got {w.numel()} weights for n={n} updates")
+    check_weights(w)
+    top = float(w.max())
+    require(top > 0, f"mean needs sum of weights > 0, got {float(w.sum())} (every weight is 0)")
+    w = w / top  # in [0, 1]: the sum is at most n, finite
+    return w / w.sum()
+
+
+def check_weights(weights, what: str = "client") -> None:
+    """Every weight finite and >= 0, else a ValueError naming the first ``what`` (client index)
+    whose weight is not. For other entry points of weights (Flower replies, the trainer): call
+    this, then :func:`normalised_weights` (which also guards the sum against overflow)."""
+    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
     bad = torch.nonzero(~torch.isfinite(w) | (w < 0)).flatten().tolist()
     if bad:
-        raise ValueError(f"mean: weights must be finite and >= 0; client {bad[0]} has weight {w[bad[0]].item()}")
-    total = float(w.sum())
-    require(total > 0, f"mean needs sum of weights > 0, got {total}")
-    return w / total
+        raise ValueError(f"mean: weights must be finite and >= 0; {what} {bad[0]} has weight {w[bad[0]].item()}")
 
 
 class Mean(Rule):

@@ -211,14 +211,29 @@ def encode(update: Any, codec: str, *, block: int = 256, rounding: str = "stocha
 
 def decode_rows(ps: list[Payload], outs: list[torch.Tensor], start: int, stop: int) -> None:
     """Values ``start:stop`` of each payload into the matching float32 ``(stop-start,)`` view.
-    For int8/int4, ``start`` must be a multiple of every payload's block (or the range empty)."""
+    Any ``start`` (for int8/int4 a multiple of the payload's block is fastest: an unaligned first
+    block is decoded into a small scratch buffer and copied)."""
     groups: dict[tuple[str, int], list[int]] = {}
     for i, p in enumerate(ps):
         groups.setdefault((p.codec, p.block), []).append(i)
     for (codec, block), rows in groups.items():
         if codec in ("int8", "int4"):
+            a = start - start % block
+            if a != start and stop > start:  # an unaligned start: its block decoded apart (<= 16 KiB)
+                end = min(a + block, ps[rows[0]].d)
+                head = torch.empty(len(rows), end - a, dtype=torch.float32)
+                ops.call("dequantize_" + codec, [ps[i].values for i in rows], [ps[i].scales for i in rows], block,
+                         list(head.unbind(0)), a, device="cpu")
+                cut = min(stop, end) - start
+                for r, i in enumerate(rows):
+                    outs[i][:cut].copy_(head[r, start - a : start - a + cut])
+                if start + cut == stop:
+                    continue
+                rows_out, begin = [outs[i][cut:] for i in rows], start + cut
+            else:
+                rows_out, begin = [outs[i] for i in rows], start
             ops.call("dequantize_" + codec, [ps[i].values for i in rows], [ps[i].scales for i in rows], block,
-                     [outs[i] for i in rows], start, device="cpu")
+                     rows_out, begin, device="cpu")
         elif codec in ("fp16", "bf16"):
             for i in rows:
                 outs[i].copy_(ps[i].values[start:stop])

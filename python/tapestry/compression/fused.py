@@ -35,6 +35,8 @@ _local = threading.local()  # the decode buffer of this thread's Compressed sour
 FUSED_OPS = ("weighted_mean", "trimmed_mean", "coord_median", "mean_around_median", "gram")
 FUSED_CODECS = ("int8", "int4", "fp16", "bf16")
 DEFAULT_BLOCK_BYTES = 16 << 20  # n=32: 131072 columns a block; few blocks, few OpenMP wake-ups (slow on VMs)
+MAX_ALIGN = 4096  # the largest quantisation block
+RETAIN_BYTES = DEFAULT_BLOCK_BYTES  # a decode buffer kept for the next call is at most this large
 
 
 def _lcm(a: int, b: int) -> int:
@@ -61,7 +63,9 @@ class Compressed(Columns):
         for p in payloads:
             if p.block:
                 align = _lcm(align, p.block)
-        self.align = align
+        # payloads of different block sizes: their common multiple can reach 2^24 columns (n dense
+        # updates in the buffer); read at any even column instead, decode_rows handles the rest
+        self.align = align = align if align <= MAX_ALIGN else 2
         cols = max(align, (block_bytes // (4 * self.n)) // align * align)
         self.cols = cols
         self._rows: dict = {}
@@ -107,6 +111,14 @@ class Compressed(Columns):
             yield start, min(start + self.cols, self.d)
         if self.d == 0:
             yield 0, 0
+
+
+def release_buffer(keep: int = RETAIN_BYTES) -> None:
+    """Free this thread's decode buffer if it is larger than ``keep`` bytes (a call with many
+    clients or a large ``block_bytes`` must not leave its buffer behind)."""
+    buf = getattr(_local, "buf", None)
+    if buf is not None and buf.numel() * 4 > keep:
+        _local.buf = None
 
 
 def open_payloads(payloads: list, *, max_values: int | None = None) -> list[Payload]:
@@ -164,6 +176,9 @@ def aggregate(payloads: list, rule: Rule | str, *, return_info: bool = False, bl
         raise TypeError(f"rule must be a tapestry rule object or name, got {type(rule).__name__}")
     parsed = open_payloads(payloads, max_values=max_values)
     src = Compressed(parsed, block_bytes)
-    agg, info = rule.aggregate(src, want_info=return_info, **kwargs)
+    try:
+        agg, info = rule.aggregate(src, want_info=return_info, **kwargs)
+    finally:
+        release_buffer()
     out = unflatten(agg, parsed[0].spec)
     return (out, info) if return_info else out

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import warnings
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +54,10 @@ MAX_D = 2**32 - 1          # element indices and topk indices are uint32
 MAX_BLOCK = 4096
 MAX_SPEC = 1 << 24         # 16 MiB of JSON is far more than any model's names and shapes
 MAX_NDIM = 32
+# Each entry decodes to a tensor object (~600 bytes of Python and torch): a payload may list
+# MAX_ENTRIES entries, plus one per ENTRY_BYTES of its size, so that decoding stays under 4x its size + 64 MiB
+MAX_ENTRIES = 1 << 16
+ENTRY_BYTES = 160
 TOPK_MAX_EXPANSION = 1 << 16  # a topk payload may describe at most 65536 values per kept value
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -176,75 +182,180 @@ def _view(buf: memoryview, offset: int, count: int, dtype: torch.dtype) -> torch
         return torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
 
 
-def _parse_spec(raw: memoryview, d: int) -> Spec:
+class Entries(Sequence):
+    """The entries of a parsed spec, stored compactly: a decoded entry ``(key, shape, dtype)`` is
+    made on access. A hostile spec of many tiny entries then costs a few bytes per JSON byte
+    (one str per state_dict key, one pointer per shape, one byte per dtype), not one tuple, list
+    and str object per field (about 40 times the JSON). Compares equal to the tuple of its entries."""
+
+    __slots__ = ("_keys", "_shapes", "_dtypes")
+
+    def __init__(self, keys: list[str] | None, shapes: list[tuple[int, ...]], dtypes: bytearray):
+        self._keys, self._shapes, self._dtypes = keys, shapes, dtypes  # keys None: arrays, keys 0..n-1
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return (i if self._keys is None else self._keys[i], self._shapes[i], _DTYPE_ORDER[self._dtypes[i]])
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Entries):
+            return (self._keys == other._keys and self._shapes == other._shapes and self._dtypes == other._dtypes)
+        if isinstance(other, (tuple, list)):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"Entries({len(self)} entries)"
+
+
+_DTYPE_ORDER = tuple(DTYPES)
+_DTYPE_CODE = {name: i for i, name in enumerate(_DTYPE_ORDER)}
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _shape_of(value, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > MAX_NDIM:
+        raise _err(f"{where}: shape must be a list of at most {MAX_NDIM} sizes")
+    if not all(type(s) is int and 0 <= s <= MAX_D for s in value):
+        raise _err(f"{where}: shape sizes must be integers in [0, {MAX_D}]")
+    # torch computes strides from the non-zero sizes even for an empty tensor: bound them too
+    if math.prod(s for s in value if s) > MAX_D:
+        raise _err(f"{where}: shape {value[:8]} has non-zero sizes whose product exceeds {MAX_D}")
+    return tuple(value)
+
+
+def _dtype_of(value, where: str) -> str:
+    if not (isinstance(value, str) and value in _DTYPE_CODE):
+        raise _err(f"{where}: dtype {str(value)[:20]!r} is not one of {sorted(DTYPES)}")
+    return _DTYPE_ORDER[_DTYPE_CODE[value]]
+
+
+def _parse_spec(raw: memoryview, d: int, size: int = 0) -> Spec:
+    """The spec, parsed one JSON value at a time: the top-level object field by field and the
+    ``entries`` array entry by entry, so that memory stays a small multiple of the spec's bytes."""
     try:
-        doc = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _err(f"spec is not valid UTF-8 JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
-    if not isinstance(doc, dict):
-        raise _err("spec must be a JSON object")
+        text = str(raw, "utf-8")
+    except UnicodeDecodeError as exc:
+        raise _err(f"spec is not valid UTF-8 JSON ({str(exc)[:80]})") from None
+    dec = json.JSONDecoder()
+
+    def value_at(pos: int):
+        try:
+            return dec.raw_decode(text, pos)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, too many digits, nesting
+            raise _err(f"spec is not valid UTF-8 JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
+
+    def expect(pos: int, chars: str) -> tuple[str, int]:
+        pos = _WS.match(text, pos).end()
+        if pos >= len(text) or text[pos] not in chars:
+            raise _err(f"spec is not valid UTF-8 JSON (expected {' or '.join(map(repr, chars))} at character {pos})")
+        return text[pos], pos + 1
+
+    max_entries = MAX_ENTRIES + size // ENTRY_BYTES
+    doc: dict = {}
+    if text[_WS.match(text, 0).end():][:1] != "{":
+        raise _err("spec is not valid UTF-8 JSON for a spec: it must be a JSON object")
+    _, pos = expect(0, "{")
+    keys: list | None = None
+    shapes: list = []
+    dtypes = bytearray()
+    shape_cache: dict = {}
+    total = 0
+    c = text[_WS.match(text, pos).end():][:1]
+    if c != "}":
+        while True:
+            _, pos = expect(pos, '"')
+            name, pos = value_at(pos - 1)
+            if name in doc:
+                raise _err(f"spec field {name[:40]!r} appears twice")
+            _, pos = expect(pos, ":")
+            pos = _WS.match(text, pos).end()
+            if name != "entries":
+                doc[name], pos = value_at(pos)
+            else:  # one entry at a time, converted to the compact form at once
+                doc[name] = None
+                _, pos = expect(pos, "[")
+                keys = []
+                if text[_WS.match(text, pos).end():][:1] == "]":
+                    _, pos = expect(pos, "]")
+                else:
+                    while True:
+                        e, pos = value_at(_WS.match(text, pos).end())
+                        i = len(shapes)
+                        if i >= max_entries:
+                            raise _err(f"spec lists more than {max_entries} entries, the limit for a {size}-byte "
+                                       f"payload ({MAX_ENTRIES} + one per {ENTRY_BYTES} bytes)")
+                        if not (isinstance(e, list) and len(e) == 3):
+                            raise _err(f"spec entry {i} must be [key, shape, dtype]")
+                        shape = _shape_of(e[1], f"spec entry {i}")
+                        shapes.append(shape_cache.setdefault(shape, shape))
+                        dtypes.append(_DTYPE_CODE[_dtype_of(e[2], f"spec entry {i}")])
+                        keys.append(e[0])
+                        total += math.prod(shape)
+                        if total > d:
+                            raise _err(f"spec entries hold more than the header's d={d} values")
+                        sep, pos = expect(pos, ",]")
+                        if sep == "]":
+                            break
+            sep, pos = expect(pos, ",}")
+            if sep == "}":
+                break
+    else:
+        _, pos = expect(pos, "}")
+    if _WS.match(text, pos).end() != len(text):
+        raise _err("spec has bytes after its JSON object")
     form, numpy_flag = doc.get("form"), doc.get("numpy")
-    if form not in FORMS:
+    if not isinstance(form, str) or form not in FORMS:
         raise _err(f"spec form {str(form)[:40]!r} is not one of {FORMS}")
     if not isinstance(numpy_flag, bool):
         raise _err("spec field 'numpy' must be true or false")
-
-    def shape_of(value, where: str) -> tuple[int, ...]:
-        if not isinstance(value, list) or len(value) > MAX_NDIM:
-            raise _err(f"{where}: shape must be a list of at most {MAX_NDIM} sizes")
-        if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_D for s in value):
-            raise _err(f"{where}: shape sizes must be integers in [0, {MAX_D}]")
-        return tuple(value)
-
-    def dtype_of(value, where: str) -> str:
-        if value not in DTYPES:
-            raise _err(f"{where}: dtype {str(value)[:20]!r} is not one of {sorted(DTYPES)}")
-        return value
-
     if form == "tensor":
-        shape = shape_of(doc.get("shape"), "spec")
+        shape = _shape_of(doc.get("shape"), "spec")
         if math.prod(shape) != d:
             raise _err(f"spec shape {shape[:8]} holds {math.prod(shape)} values, header says d={d}")
-        return Spec(form, numpy_flag, shape, dtype_of(doc.get("dtype"), "spec"))
-    entries = doc.get("entries")
-    if not isinstance(entries, list):
+        return Spec(form, numpy_flag, shape, _dtype_of(doc.get("dtype"), "spec"))
+    if keys is None:
         raise _err("spec of a parameter set needs a list of entries")
-    out, total, seen = [], 0, set()
-    for i, e in enumerate(entries):
-        if not (isinstance(e, list) and len(e) == 3):
-            raise _err(f"spec entry {i} must be [key, shape, dtype]")
-        key = e[0]
-        if form == "state_dict" and not isinstance(key, str):
-            raise _err(f"spec entry {i}: state_dict keys must be strings")
-        if form == "arrays" and key != i:
-            raise _err(f"spec entry {i}: array entries must be numbered 0, 1, ...")
-        if key in seen:
-            raise _err(f"spec entry {i}: duplicate key {str(key)[:40]!r}")
-        seen.add(key)
-        shape = shape_of(e[1], f"spec entry {i}")
-        total += math.prod(shape)
-        if total > d:
-            raise _err(f"spec entries hold more than the header's d={d} values")
-        out.append((key, shape, dtype_of(e[2], f"spec entry {i}")))
+    if form == "arrays":
+        for i, key in enumerate(keys):
+            if type(key) is not int or key != i:
+                raise _err(f"spec entry {i}: array entries must be numbered 0, 1, ...")
+        keys = None  # implicit: 0 .. n-1
+    else:
+        for i, key in enumerate(keys):
+            if not isinstance(key, str):
+                raise _err(f"spec entry {i}: state_dict keys must be strings")
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate from a \\ud800 escape
+                raise _err(f"spec entry {i}: key {key[:40]!r} is not valid Unicode (lone surrogate)") from None
+        ordered = sorted(keys)  # duplicates, found without a set (a set costs ~50 bytes a key)
+        for a, b in zip(ordered, ordered[1:]):
+            if a == b:
+                raise _err(f"spec entry {keys.index(a, keys.index(a) + 1)}: duplicate key {a[:40]!r}")
+        del ordered
     if total != d:
         raise _err(f"spec entries hold {total} values, header says d={d}")
-    return Spec(form, numpy_flag, entries=tuple(out))
+    return Spec(form, numpy_flag, entries=Entries(keys, shapes, dtypes))
 
 
-def parse(payload: bytes | bytearray | memoryview, *, max_values: int | None = None) -> Payload:
-    """Validate ``payload`` completely and return zero-copy views of its sections.
-
-    Raises :class:`PayloadError` naming the first problem. ``max_values`` optionally caps ``d``
-    (the number of float32 values a decode would allocate)."""
-    if not isinstance(payload, (bytes, bytearray, memoryview)):
-        raise TypeError(f"payload must be bytes, bytearray or memoryview, got {type(payload).__name__}")
-    buf = memoryview(payload)
-    if buf.ndim != 1 or buf.itemsize != 1:
-        buf = buf.cast("B")
-    if not buf.c_contiguous:
-        raise TypeError("payload memoryview must be contiguous")
-    size = buf.nbytes
-    if size < HEADER.size:
+def parse_head(buf: memoryview, size: int, *, max_values: int | None = None) -> tuple[Payload, int, list[int]]:
+    """Validate a payload's header and spec: ``buf`` holds at least its first :func:`head_length`
+    bytes (all of them, or more), ``size`` is the payload's total length. Returns the payload
+    without its data sections, the offset where they start and their sizes; checks that ``size``
+    is exactly what the header implies. Nothing is allocated before these checks pass."""
+    if size < HEADER.size or buf.nbytes < HEADER.size:
         raise _err(f"truncated: {size} bytes, the header alone needs {HEADER.size}")
     magic, version, codec_id, flags, d, block, spec_len, k, crc, reserved = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
@@ -252,7 +363,12 @@ def parse(payload: bytes | bytearray | memoryview, *, max_values: int | None = N
     if version != VERSION:
         raise _err(f"unsupported wire-format version {version} (this build reads version {VERSION})")
     if spec_len > min(size - HEADER.size, MAX_SPEC):
-        raise _err(f"spec length {spec_len} exceeds the {size - HEADER.size} bytes after the header")
+        raise _err(f"spec length {spec_len} exceeds the {min(size - HEADER.size, MAX_SPEC)} bytes allowed "
+                   f"after the header")
+    pad = _pad8(spec_len)
+    start = HEADER.size + spec_len + pad
+    if buf.nbytes < min(start, size):
+        raise _err(f"truncated: the spec needs {start} bytes, got {buf.nbytes}")
     spec_raw = buf[HEADER.size : HEADER.size + spec_len]
     if zlib.crc32(spec_raw, zlib.crc32(buf[:32])) != crc:
         raise _err("header checksum mismatch: the header or spec is corrupted")
@@ -279,32 +395,97 @@ def parse(payload: bytes | bytearray | memoryview, *, max_values: int | None = N
             raise _err(f"topk payload describes d={d} values with only k={k} kept (more than {TOPK_MAX_EXPANSION}x)")
     elif k != 0:
         raise _err(f"{codec} payload has k={k}, must be 0")
-    pad = _pad8(spec_len)
     sizes = data_sizes(codec, d, block, k)
-    start = HEADER.size + spec_len + pad
     expected = start + sum(sizes)
     if size != expected:
         raise _err(f"length mismatch: header implies {expected} bytes, payload has {size}"
                    + (" (truncated)" if size < expected else " (trailing bytes)"))
     if any(buf[HEADER.size + spec_len : start]):
         raise _err("spec padding bytes must be zero")
-    spec = _parse_spec(spec_raw, d)
+    spec = _parse_spec(spec_raw, d, size)
+    return Payload(codec, d, block, k, bool(flags & FLAG_STOCHASTIC), spec, nbytes=size), start, sizes
 
-    p = Payload(codec, d, block, k, bool(flags & FLAG_STOCHASTIC), spec, nbytes=size)
+
+def head_length(first: bytes | memoryview) -> int:
+    """How many bytes :func:`parse_head` needs, from the payload's first 40 bytes (or fewer: then
+    40, and parse_head names what is wrong). A reader of a file reads that many, then the rest."""
+    if len(first) < HEADER.size:
+        return HEADER.size
+    spec_len = struct.unpack_from("<I", first, 20)[0]
+    return HEADER.size + min(spec_len, MAX_SPEC) + _pad8(min(spec_len, MAX_SPEC))
+
+
+CHECK_CHUNK = 1 << 20
+_F32_MAX = float(torch.finfo(torch.float32).max)
+MAX_SCALE = {"int8": _F32_MAX / 127, "int4": _F32_MAX / 7}  # absmax / 127 (7) of the largest float32
+
+
+def check_scales(codec: str, scales: torch.Tensor, first_block: int = 0) -> None:
+    """int8/int4 scales must be finite, non-negative and at most absmax/127 (absmax/7) of the
+    largest float32, as an encoder writes them: no code then decodes to an infinity (PayloadError
+    naming the block)."""
+    limit = MAX_SCALE[codec]
+    bad = ~(scales >= 0) | (scales > limit)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise _err(f"{codec} scale of block {first_block + i} is {float(scales[i])} (must be in [0, {limit:.6g}])")
+
+
+def check_codes(codec: str, codes: torch.Tensor, first_byte: int = 0) -> None:
+    """int8 codes lie in [-127, 127] and int4 codes in [-7, 7] (docs/wire-format.md): a code of
+    -128 or -8 would decode to a value beyond the block's absmax. Checked 1 MiB at a time (NumPy:
+    several GB/s, no payload-sized temporary)."""
+    if codec not in ("int8", "int4") or codes.numel() == 0:
+        return
+    a = codes.numpy().view(np.int8 if codec == "int8" else np.uint8)
+    tmp = np.empty(min(CHECK_CHUNK, a.size), np.uint8)
+    for i in range(0, a.size, CHECK_CHUNK):
+        c = a[i : i + CHECK_CHUNK]
+        if codec == "int8":
+            if int(c.min()) == -128:
+                j = i + int(np.argmax(c == -128))
+                raise _err(f"int8 code of value {first_byte + j} is -128 (codes lie in [-127, 127])")
+            continue
+        low = tmp[: c.size]
+        np.bitwise_and(c, 15, out=low)
+        if int(low.min()) == 0 or int(c.min()) < 16:  # nibble 0 is code -8
+            j = int(np.argmax((low == 0) | (c < 16)))
+            v = 2 * (first_byte + i + j) + (0 if low[j] == 0 else 1)
+            raise _err(f"int4 code of value {v} is -8 (codes lie in [-7, 7])")
+
+
+def check_indices(idx64: torch.Tensor, d: int, prev: int = -1) -> None:
+    """topk indices strictly increasing and < d (``prev``: the index before this piece)."""
+    k = idx64.numel()
+    if k and (int(idx64[0]) <= prev or int(idx64[-1]) >= d
+              or (k > 1 and not bool((idx64[1:] > idx64[:-1]).all()))):
+        raise _err(f"topk indices must be strictly increasing and < d={d}")
+
+
+def parse(payload: bytes | bytearray | memoryview, *, max_values: int | None = None) -> Payload:
+    """Validate ``payload`` completely and return zero-copy views of its sections.
+
+    Raises :class:`PayloadError` naming the first problem. ``max_values`` optionally caps ``d``
+    (the number of float32 values a decode would allocate)."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError(f"payload must be bytes, bytearray or memoryview, got {type(payload).__name__}")
+    buf = memoryview(payload)
+    if not buf.c_contiguous:
+        raise TypeError("payload memoryview must be contiguous")
+    if buf.ndim != 1 or buf.itemsize != 1:
+        buf = buf.cast("B")
+    p, start, sizes = parse_head(buf, buf.nbytes, max_values=max_values)
+    d, k, codec = p.d, p.k, p.codec
     if codec in ("fp16", "bf16"):
         p.values = _view(buf, start, d, torch.float16 if codec == "fp16" else torch.bfloat16)
     elif codec in ("int8", "int4"):
-        nb = sizes[0] // 4
-        p.scales = _view(buf, start, nb, torch.float32)
-        if not bool(torch.isfinite(p.scales).all()) or bool((p.scales < 0).any()):
-            bad = int(torch.nonzero(~torch.isfinite(p.scales) | (p.scales < 0))[0])
-            raise _err(f"{codec} scale of block {bad} is {float(p.scales[bad])} (must be finite and >= 0)")
+        p.scales = _view(buf, start, sizes[0] // 4, torch.float32)
+        check_scales(codec, p.scales)
         p.values = _view(buf, start + sizes[0], sizes[1], torch.int8 if codec == "int8" else torch.uint8)
+        check_codes(codec, p.values)
     else:
         idx = _view(buf, start, k, torch.int32)
         p.values = _view(buf, start + 4 * k, k, torch.float32)
-        idx64 = idx.to(torch.int64) & 0xFFFFFFFF  # uint32 on the wire
-        if k and (int(idx64[-1]) >= d or (k > 1 and not bool((idx64[1:] > idx64[:-1]).all()))):
-            raise _err(f"topk indices must be strictly increasing and < d={d}")
-        p.indices = idx64
+        p.indices = idx.to(torch.int64) & 0xFFFFFFFF  # uint32 on the wire
+        check_indices(p.indices, d)
     return p

@@ -16,20 +16,19 @@ import re
 import sys
 
 from ..aggregators.coordinate import Mean
+from ..cli_args import float_in, int_in, size_in
+from ..cli_args import parse_size as _parse_size
 
 HELP = ("aggregate client update files (safetensors, .pt, compressed payloads) into one safetensors file with "
         "each key's input dtype, streamed under a memory budget and sharded over processes")
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+MAX_CLIENTS = 1_000_000
+MAX_NPROC = 1024
 
 
 def parse_size(text: str) -> int:
     """``"512M"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (K/M/G/T are powers of 1024)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512M, 2G, 1000000)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    return _parse_size(text)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -38,14 +37,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rule", required=True,
                         help="mean, trimmed_mean, median, krum, multi_krum, bulyan, geometric_median, "
                              "centered_clipping, or nnm+<rule>")
-    parser.add_argument("--f", type=int, help="Byzantine clients tolerated")
-    parser.add_argument("--beta", type=float, help="trimmed_mean: fraction trimmed at each end")
-    parser.add_argument("--m", type=int, help="multi_krum: number of updates averaged")
-    parser.add_argument("--tau", type=float, help="centered_clipping: clipping radius")
+    parser.add_argument("--f", type=int_in(0, MAX_CLIENTS), help="Byzantine clients tolerated")
+    parser.add_argument("--beta", type=float_in(0, 0.5, hi_open=True), help="trimmed_mean: fraction trimmed at each end")
+    parser.add_argument("--m", type=int_in(1, MAX_CLIENTS), help="multi_krum: number of updates averaged")
+    parser.add_argument("--tau", type=float_in(0, 1e300, lo_open=True), help="centered_clipping: clipping radius")
     parser.add_argument("--weights", help="mean: comma-separated client weights (e.g. example counts)")
-    parser.add_argument("--memory-budget", type=parse_size, default=parse_size("1G"),
+    parser.add_argument("--memory-budget", type=size_in(1, 1 << 50), default=parse_size("1G"),
                         help="working memory per process (default 1G; K/M/G = powers of 1024)")
-    parser.add_argument("--nproc", type=int, default=1, help="spawn this many local processes (gloo, or NCCL on GPUs)")
+    parser.add_argument("--nproc", type=int_in(1, MAX_NPROC), default=1, help="spawn this many local processes (gloo, or NCCL on GPUs)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where kernels run (auto: CUDA when a GPU is visible)")
     parser.add_argument("--read-ahead", action="store_true",
@@ -89,6 +88,9 @@ def _weights(args, n: int):
         raise ValueError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
     if len(w) != n:
         raise ValueError(f"--weights has {len(w)} values for {n} input files")
+    for i, x in enumerate(w):
+        if not (x >= 0 and x < float("inf")):
+            raise ValueError(f"--weights: weight {i} ({args.inputs[i]}) is {x}; weights must be finite and >= 0")
     return w
 
 
@@ -101,7 +103,8 @@ def run(args) -> int:
     if weights is not None:
         from ..aggregators.coordinate import normalised_weights
 
-        rule = _WeightedMean(normalised_weights(weights, len(args.inputs)))
+        normalised_weights(weights, len(args.inputs))  # checked here, normalised once by the rule
+        rule = _WeightedMean(weights)
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     job = Job(list(args.inputs), args.output, rule, args.memory_budget, progress=not args.no_progress,

@@ -7,10 +7,17 @@ Inputs:
   the shapes, no overlaps), then values are read with ``pread`` straight into the caller's block
   buffer: only the requested bytes are read, from the page cache when cached, and no file page
   stays mapped into the process (a memory map would count every touched page in its resident set).
-* ``.pt``/``.pth``: ``torch.load(weights_only=True, mmap=True)`` of a flat ``{name: tensor}`` mapping.
-* Tapestry compressed payloads (``tapestry.compression.encode`` bytes saved to a file):
-  memory-mapped and decoded block by block (:class:`PayloadFile`), aggregated in float32 as
-  ``tapestry.compression.aggregate`` does.
+* ``.pt``/``.pth``: ``torch.load(weights_only=True, mmap=True)`` of a flat ``{name: tensor}`` mapping,
+  only to learn where each (contiguous) tensor's bytes lie in the archive; then read like safetensors.
+* Tapestry compressed payloads (``tapestry.compression.encode`` bytes saved to a file): header and
+  spec validated at open, values read with ``pread`` and decoded block by block
+  (:class:`PayloadFile`), aggregated in float32 as ``tapestry.compression.aggregate`` does.
+
+Hostile inputs (see :mod:`tapestry.distributed.files`): only regular files are opened (a FIFO
+never blocks), nothing is memory-mapped while reading (a file that shrinks is an ``InputError``,
+not a ``SIGBUS``), at most ``files.MAX_OPEN`` inputs are open at once, headers are parsed one
+JSON value at a time (memory a small multiple of the header), and every key must be valid
+Unicode (it is written to the output).
 
 Every file is checked against the first: same names, shapes and dtypes, else a ``ValueError``
 naming the file and the key. Only floating dtypes (F64, F32, F16, BF16) can be aggregated.
@@ -23,8 +30,11 @@ output only when every rank succeeded (see :mod:`tapestry.distributed.stream`).
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
+import zipfile
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Sequence
@@ -32,6 +42,7 @@ from typing import Sequence
 import torch
 
 from ..updates import KERNEL_DTYPES
+from .files import InputError, JSONWalker, PreadFile, check_key_text, json_object_items, open_regular, skip_string_map
 
 # safetensors dtype names <-> torch dtypes (floating types only: those are what rules aggregate)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -41,11 +52,7 @@ KNOWN_NONFLOAT = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
-class InputError(ValueError):
-    """An input file is missing, unreadable, malformed or disagrees with the others."""
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Key:
     """One named tensor of a client file; ``begin`` is its absolute byte offset in the file."""
 
@@ -65,32 +72,54 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(bytearray(0))
 
 
-class SafetensorsFile:
-    """A safetensors file opened for reading pieces of its tensors."""
+class _TensorFile(PreadFile):
+    """Named tensors at byte offsets of a file (``self.begin``), read with ``pread``."""
 
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise InputError(f"{path}: is a directory, not a safetensors file") from None
-        except OSError as exc:
-            raise InputError(f"{path}: cannot open ({exc.strerror})") from None
-        try:
-            self.keys = self._parse()
-            self.begin = {k.name: k.begin for k in self.keys}
-        except BaseException:
-            os.close(self.fd)
-            raise
+    reads_bytes = True  # read_into also takes a writable byte memoryview
 
     def _fail(self, why: str):
-        raise InputError(f"{self.path}: not a valid safetensors file: {why}")
+        raise InputError(f"{self.path}: not a valid {self.kind} file: {why}")
 
-    def _parse(self) -> list[Key]:
-        size = os.fstat(self.fd).st_size
-        head = os.pread(self.fd, 8, 0)
+    def native_dtype(self, key: Key) -> torch.dtype:
+        return key.dtype
+
+    def read_into(self, key: Key, start: int, stop: int, out: torch.Tensor | memoryview) -> int:
+        """Values ``start:stop`` of ``key`` (flattened) into the contiguous 1-D ``out`` (same dtype),
+        or into the byte view ``out``."""
+        view = out if isinstance(out, memoryview) else _as_bytes(out)
+        begin = self.begin[key.name]  # this file's own offset: files of one layout may differ in layout
+        want = (stop - start) * key.itemsize
+        self.pread_into(view[:want], begin + start * key.itemsize, f"key {key.name!r}")
+        return want
+
+
+class SafetensorsFile(_TensorFile):
+    """A safetensors file opened for reading pieces of its tensors."""
+
+    kind = "safetensors"
+
+    def _not_an_object(self, text: str):
+        """Say what a header that is not a JSON object is (parsed whole only when small)."""
+        if len(text) <= 1 << 20:
+            try:
+                doc = json.loads(text)
+            except json.JSONDecodeError as exc:
+                self._fail(f"header is not UTF-8 JSON ({exc})")
+            except RecursionError:
+                self._fail("header JSON is nested too deeply")
+            self._fail(f"header is a JSON {type(doc).__name__}, not an object")
+        self._fail("header is not a JSON object")
+
+    def __init__(self, path: str):
+        size = self._open(path)
+        try:
+            self.keys = self._parse(size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _parse(self, size: int) -> list[Key]:
+        head = self.pread(min(8, size), 0, "the header length")
         if len(head) < 8:
             self._fail(f"{size} bytes, shorter than the 8-byte header length")
         (hlen,) = struct.unpack("<Q", head)
@@ -98,196 +127,252 @@ class SafetensorsFile:
             self._fail(f"header length {hlen} exceeds the {MAX_HEADER}-byte limit")
         if 8 + hlen > size:
             self._fail(f"header length {hlen} runs past the end of the {size}-byte file")
-        raw = os.pread(self.fd, hlen, 8)
-        if len(raw) != hlen:
-            self._fail("file shrank while reading its header")
-
-        def no_duplicates(pairs):
-            seen = {}
-            for k, v in pairs:
-                if k in seen:
-                    self._fail(f"key {k!r} appears twice in the header")
-                seen[k] = v
-            return seen
-
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            text = self.pread(hlen, 8, "the header").decode("utf-8")
+        except UnicodeDecodeError as exc:
             self._fail(f"header is not UTF-8 JSON ({exc})")
-        except RecursionError:
-            self._fail("header JSON is nested too deeply")
-        if not isinstance(header, dict):
-            self._fail(f"header is a JSON {type(header).__name__}, not an object")
         data_start, data_size = 8 + hlen, size - 8 - hlen
-        keys, spans = [], []
-        for name, entry in header.items():
+        keys, self.begin, shapes = [], {}, {}
+        w = JSONWalker(text, self._fail)
+        if w.ws() != "{":
+            self._not_an_object(text)
+        for name, entry in json_object_items(w, raw_keys=("__metadata__",)):
             if name == "__metadata__":
+                skip_string_map(w, "__metadata__")
                 continue
+            check_key_text(self.path, name)
+            if name in self.begin:
+                self._fail(f"key {name[:60]!r} appears twice in the header")
             if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"} or len(entry) != 3:
                 self._fail(f"key {name!r}: entry must hold exactly dtype, shape and data_offsets")
             dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-                self._fail(f"key {name!r}: shape {shape!r} is not a list of non-negative integers")
+            if not isinstance(shape, list) or not all(type(x) is int and x >= 0 for x in shape):
+                self._fail(f"key {name!r}: shape {str(shape)[:80]} is not a list of non-negative integers")
             if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
                     or not 0 <= offs[0] <= offs[1] <= data_size):
-                self._fail(f"key {name!r}: data_offsets {offs!r} outside the {data_size}-byte data area")
-            if dtype not in DTYPES:
+                self._fail(f"key {name!r}: data_offsets {str(offs)[:80]} outside the {data_size}-byte data area")
+            if not isinstance(dtype, str) or dtype not in DTYPES:
                 if dtype in KNOWN_NONFLOAT:
                     raise TypeError(f"{self.path}: key {name!r} has dtype {dtype}; only floating tensors "
                                     f"({', '.join(DTYPES)}) can be aggregated")
-                self._fail(f"key {name!r}: unknown dtype {dtype!r}")
-            numel = 1
-            for s in shape:
-                numel *= s
-            key = Key(name, DTYPES[dtype], tuple(shape), numel, data_start + offs[0])
+                self._fail(f"key {name!r}: unknown dtype {str(dtype)[:20]!r}")
+            numel = math.prod(shape)
+            key = Key(name, DTYPES[dtype], shapes.setdefault(tuple(shape), tuple(shape)), numel, data_start + offs[0])
             if offs[1] - offs[0] != numel * key.itemsize:
                 self._fail(f"key {name!r}: {offs[1] - offs[0]} bytes for shape {shape} of {dtype} "
                            f"({numel * key.itemsize} expected)")
             keys.append(key)
-            spans.append((offs[0], offs[1], name))
-        spans.sort()
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-            if b1 < e0:
-                self._fail(f"keys {n0!r} and {n1!r} overlap (bytes {b0}-{e0} and {b1}-{e1})")
+            self.begin[name] = key.begin
+        if w.ws():
+            self._fail("header has bytes after its JSON object")
+        del text, w
         keys.sort(key=lambda k: k.begin)  # layout order: a pass over the coordinates reads forwards
+        for k0, k1 in zip(keys, keys[1:]):
+            if k1.begin < k0.begin + k0.numel * k0.itemsize:
+                self._fail(f"keys {k0.name!r} and {k1.name!r} overlap (bytes {k0.begin - data_start}-"
+                           f"{k0.begin - data_start + k0.numel * k0.itemsize} and {k1.begin - data_start}-...)")
         return keys
 
-    def native_dtype(self, key: Key) -> torch.dtype:
-        return key.dtype
 
-    reads_bytes = True  # read_into also takes a writable byte memoryview
-
-    def read_into(self, key: Key, start: int, stop: int, out: torch.Tensor | memoryview) -> int:
-        """Values ``start:stop`` of ``key`` (flattened) into the contiguous 1-D ``out`` (same dtype),
-        or into the byte view ``out``."""
-        view = out if isinstance(out, memoryview) else _as_bytes(out)
-        begin = self.begin[key.name]  # this file's own offset: files of one layout may differ in layout
-        offset, done, want = begin + start * key.itemsize, 0, (stop - start) * key.itemsize
-        while done < want:  # pread may return less than asked (and at most ~2 GiB per call)
-            got = os.preadv(self.fd, [view[done:want]], offset + done)
-            if got == 0:
-                raise InputError(f"{self.path}: file ended while reading key {key.name!r} (truncated after opening?)")
-            done += got
-        return want
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+_RECORD = re.compile(r"[^/]+/data/[^/]+")
 
 
-class TorchFile:
-    """A ``.pt`` file of a flat ``{name: tensor}`` mapping, loaded with ``weights_only=True`` and
-    memory-mapped (``mmap=True``), so tensors are read from the file on demand."""
+class TorchFile(_TensorFile):
+    """A ``.pt`` file of a flat ``{name: tensor}`` mapping (``weights_only=True``). The file is
+    loaded memory-mapped only to learn each tensor's dtype, shape and byte offset inside the zip
+    archive (its storage records are stored uncompressed); the mapping is dropped at once and
+    values are read with ``pread`` like a safetensors file. Tensors must be contiguous: a view
+    with zero or other strides (``expand``) would take far more memory than the file's bytes."""
+
+    kind = ".pt"
 
     def __init__(self, path: str):
-        self.path = path
-        if not os.path.exists(path):
-            raise InputError(f"{path}: no such file")
+        size = self._open(path)
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            self.keys, self.begin = self._parse(size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _records(self, size: int) -> dict[int, tuple[int, int]]:
+        """Each stored data record's ``{data offset: (size, 0)}`` in the archive."""
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                infos = [i for i in zf.infolist() if _RECORD.fullmatch(i.filename)]
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            self._fail(f"not a zip archive ({exc})")
+        records = {}
+        for info in infos:
+            if info.compress_type != zipfile.ZIP_STORED:
+                self._fail(f"record {info.filename!r} is compressed; torch.save stores records uncompressed")
+            local = self.pread(30, info.header_offset, "a zip entry") if info.header_offset + 30 <= size else b""
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                self._fail(f"record {info.filename!r}: bad local zip header")
+            n_name, n_extra = struct.unpack_from("<HH", local, 26)
+            start = info.header_offset + 30 + n_name + n_extra
+            if start + info.file_size > size:
+                self._fail(f"record {info.filename!r} runs past the end of the file")
+            if info.file_size:
+                records[start] = info.file_size
+        return records
+
+    def _parse(self, size: int) -> tuple[list[Key], dict[str, int]]:
+        records = self._records(size)
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # pickle errors, refused globals, not a zip archive...
-            raise InputError(f"{path}: not a loadable .pt file with weights_only=True ({type(exc).__name__}: {exc})") from None
+            raise InputError(f"{self.path}: not a loadable .pt file with weights_only=True "
+                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
         if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            raise InputError(f"{path}: expected a flat {{name: tensor}} mapping (a state_dict), got {type(obj).__name__}")
-        self.tensors, self.keys = {}, []
+            raise InputError(f"{self.path}: expected a flat {{name: tensor}} mapping (a state_dict), got {type(obj).__name__}")
+        storages = {}
+        keys, begin = [], {}
         for name, t in obj.items():
+            check_key_text(self.path, name)
             if t.dtype not in DTYPE_NAMES:
-                raise TypeError(f"{path}: key {name!r} has dtype {t.dtype}; only floating tensors "
+                raise TypeError(f"{self.path}: key {name!r} has dtype {t.dtype}; only floating tensors "
                                 f"({', '.join(map(str, DTYPE_NAMES))}) can be aggregated")
-            self.tensors[name] = t.reshape(-1)  # a view for the contiguous tensors state_dicts hold
-            self.keys.append(Key(name, t.dtype, tuple(t.shape), t.numel()))
+            if t.numel() and not t.is_contiguous():
+                raise InputError(f"{self.path}: key {name!r} is not contiguous (shape {list(t.shape)}, stride "
+                                 f"{list(t.stride())}): save it with .contiguous(); a strided or expanded view "
+                                 f"would be materialised outside the memory budget")
+            st = t.untyped_storage()
+            nbytes = t.numel() * t.element_size()
+            if t.numel():
+                if t.storage_offset() * t.element_size() + nbytes > st.nbytes():
+                    self._fail(f"key {name!r} reaches past the end of its storage")
+                storages[st.data_ptr()] = st.nbytes()
+            keys.append((name, t.dtype, tuple(t.shape), t.numel(), t.data_ptr() if t.numel() else None))
+        del obj
+        # the mapping's base: storages and records in the same order, at the same distances
+        ptrs, offs = sorted(storages), sorted(records)
+        if len(ptrs) > len(offs) or (ptrs and any(storages[q] > records.get(q - ptrs[0] + offs[0], -1) for q in ptrs)):
+            self._fail("its storages do not match its data records (an unusual torch.save layout)")
+        base = ptrs[0] - offs[0] if ptrs else 0
+        out = []
+        for name, dtype, shape, numel, ptr in keys:
+            key = Key(name, dtype, shape, numel, 0 if ptr is None else ptr - base)
+            out.append(key)
+            begin[name] = key.begin
+        return out, begin
+
+
+class PayloadFile(PreadFile):
+    """A Tapestry compressed payload (``tapestry.compression`` wire format), read with ``pread``:
+    the header and spec are validated by the compression package's parser at open, and each read
+    decodes only the requested values (from the enclosing quantisation block) to float32, checking
+    the scales and codes it reads (a hostile section is an ``InputError`` naming the file)."""
 
     reads_bytes = False
 
-    def native_dtype(self, key: Key) -> torch.dtype:
-        return key.dtype
-
-    def read_into(self, key: Key, start: int, stop: int, out: torch.Tensor) -> int:
-        out.copy_(self.tensors[key.name][start:stop])
-        return (stop - start) * key.itemsize
-
-    def close(self) -> None:
-        self.tensors = {}
-
-
-class PayloadFile:
-    """A Tapestry compressed payload (``tapestry.compression`` wire format), memory-mapped: the
-    header and spec are validated by the compression package's parser, and each read decodes
-    only the requested values (from the enclosing quantisation block) to float32. Pages touched
-    are released from this process after every read, so a pass does not grow the resident set."""
-
     def __init__(self, path: str):
-        import mmap
+        from ..compression import wire
 
-        from ..compression.wire import DTYPES as WIRE_DTYPES
-        from ..compression.wire import PayloadError, parse
-
-        self.path = path
-        with open(path, "rb") as fh:
-            try:
-                self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            except ValueError:  # an empty file cannot be mapped
-                raise InputError(f"{path}: empty file") from None
+        size = self._open(path)
         try:
-            self.p = parse(memoryview(self.mm))
-        except PayloadError as exc:
+            first = self.pread(min(size, wire.HEADER.size), 0, "the payload header")
+            head = self.pread(min(size, wire.head_length(first)), 0, "the payload header")
+            try:
+                self.p, self.data, self.sizes = wire.parse_head(memoryview(head), size)
+                if self.p.codec == "topk":
+                    self._check_topk()
+            except wire.PayloadError as exc:
+                raise InputError(f"{path}: {exc}") from None
+        except BaseException:
             self.close()
-            raise InputError(f"{path}: {exc}") from None
+            raise
+        del head
         spec = self.p.spec
         entries = ([("update", spec.shape, spec.dtype)] if spec.form == "tensor"
                    else [(str(k), shape, dt) for k, shape, dt in spec.entries])
         self.keys, self.start = [], {}
         offset = 0
         for name, shape, dt in entries:
-            numel = 1
-            for x in shape:
-                numel *= x
-            self.keys.append(Key(name, WIRE_DTYPES[dt], tuple(shape), numel))
+            check_key_text(path, name)
+            numel = math.prod(shape)
+            self.keys.append(Key(name, wire.DTYPES[dt], tuple(shape), numel))
             self.start[name] = offset
             offset += numel
         self.align = self.p.block if self.p.codec in ("int8", "int4") else 2  # decode starts here
         self.bytes_per_value = self.p.nbytes / max(self.p.d, 1)
 
-    reads_bytes = False
-
     def native_dtype(self, key: Key) -> torch.dtype:
         return torch.float32  # what decoding produces; cast once, by the caller, like in memory
 
+    def _tensor(self, offset: int, count: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+        t = torch.empty(count, dtype=dtype)
+        if count:
+            self.pread_into(_as_bytes(t), offset, what)
+        return t
+
+    def _check_topk(self) -> None:
+        """topk indices strictly increasing and < d, streamed 1 MiB at a time."""
+        from ..compression import wire
+
+        prev, k = -1, self.p.k
+        for i in range(0, k, 1 << 18):
+            idx = self._tensor(self.data + 4 * i, min(1 << 18, k - i), torch.int32, "topk indices").to(torch.int64) & 0xFFFFFFFF
+            wire.check_indices(idx, self.p.d, prev)
+            prev = int(idx[-1])
+
+    def _index(self, j: int) -> int:
+        """Position of the first kept index >= j (binary search with 4-byte preads)."""
+        lo, hi = 0, self.p.k
+        while lo < hi:
+            mid = (lo + hi) // 2
+            v = struct.unpack("<I", self.pread(4, self.data + 4 * mid, "topk indices"))[0]
+            lo, hi = (mid + 1, hi) if v < j else (lo, mid)
+        return lo
+
     def read_into(self, key: Key, start: int, stop: int, out: torch.Tensor) -> int:
+        from ..compression import wire
         from ..compression.codecs import decode_rows
 
-        s, e = self.start[key.name] + start, self.start[key.name] + stop
+        p, s, e = self.p, self.start[key.name] + start, self.start[key.name] + stop
+        if e <= s:
+            return 0
         s0 = s - s % self.align
-        buf = torch.empty(e - s0, dtype=torch.float32)
-        if e > s0:
-            decode_rows([self.p], [buf], s0, e)
-        out.copy_(buf[s - s0 :])
+        piece = wire.Payload(p.codec, e - s0, p.block, 0, p.stochastic, p.spec)
         try:
-            self.mm.madvise(__import__("mmap").MADV_DONTNEED)  # drop the mapped pages (page cache keeps them)
-        except (AttributeError, OSError):
-            pass
+            if p.codec in ("int8", "int4"):
+                b0, b1 = s0 // p.block, -(-e // p.block)
+                piece.scales = self._tensor(self.data + 4 * b0, b1 - b0, torch.float32, "scales")
+                wire.check_scales(p.codec, piece.scales, b0)
+                if p.codec == "int8":
+                    piece.values = self._tensor(self.data + self.sizes[0] + s0, e - s0, torch.int8, "codes")
+                else:
+                    piece.values = self._tensor(self.data + self.sizes[0] + s0 // 2, (e - s0 + 1) // 2, torch.uint8, "codes")
+                wire.check_codes(p.codec, piece.values, s0 if p.codec == "int8" else s0 // 2)
+            elif p.codec in ("fp16", "bf16"):
+                piece.values = self._tensor(self.data + 2 * s0, e - s0, torch.float16 if p.codec == "fp16"
+                                            else torch.bfloat16, "values")
+            else:
+                lo, hi = self._index(s0), self._index(e)
+                piece.k = hi - lo
+                piece.indices = self._tensor(self.data + 4 * lo, hi - lo, torch.int32, "topk indices").to(torch.int64)
+                piece.indices = (piece.indices & 0xFFFFFFFF) - s0
+                piece.values = self._tensor(self.data + 4 * p.k + 4 * lo, hi - lo, torch.float32, "topk values")
+                wire.check_indices(piece.indices, e - s0)
+        except wire.PayloadError as exc:
+            raise InputError(f"{self.path}: {exc}") from None
+        buf = torch.empty(e - s0, dtype=torch.float32)
+        decode_rows([piece], [buf], 0, e - s0)
+        out.copy_(buf[s - s0 :])
         return int((stop - start) * self.bytes_per_value)
 
     def close(self) -> None:
-        self.p = None
-        try:
-            self.mm.close()
-        except BufferError:  # views still alive: the mapping closes when they are collected
-            pass
+        super().close()
 
 
 def open_input(path: str):
     """Open one client file by its format (sniffed from its first bytes, not from its name)."""
+    fd = open_regular(path)
     try:
-        with open(path, "rb") as fh:
-            magic = fh.read(8)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not an update file") from None
+        magic = os.pread(fd, 8, 0)
     except OSError as exc:
-        raise InputError(f"{path}: cannot open ({exc.strerror})") from None
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    finally:
+        os.close(fd)
     if magic[:4] == b"PK\x03\x04":  # torch.save's zip archive
         return TorchFile(path)
     payload_magic = _compression_magic()

@@ -6,6 +6,7 @@ Spawned local ranks talk over loopback only (127.0.0.1, a free port, ``GLOO_SOCK
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import pickle
@@ -16,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .._native import set_num_threads
-from .stream import Job, Result, run_job
+from .stream import Job, Result, Terminated, _unlink, run_job, terminate_raises, tmp_path_for
 
 TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -74,14 +75,31 @@ def spawn(job: Job, nproc: int, device: str = "auto", *, target=run_job, timeout
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
+    # the temporary output's name is chosen here, so that this process can remove it on SIGTERM
+    if isinstance(job, Job):
+        job = dataclasses.replace(job, tmp=job.tmp or tmp_path_for(os.path.abspath(job.output)))
+    procs = None
     try:
-        threads = max(1, torch.get_num_threads() // nproc)
-        mp.start_processes(_worker, args=(nproc, port, job, device, queue, threads, target, timeout), nprocs=nproc, join=True,
-                           start_method="spawn")
+        with terminate_raises():
+            threads = max(1, torch.get_num_threads() // nproc)
+            procs = mp.start_processes(_worker, args=(nproc, port, job, device, queue, threads, target, timeout), nprocs=nproc,
+                                       join=False, start_method="spawn")
+            while not procs.join():
+                pass
     except mp.ProcessRaisedException:
         pass  # the worker's error is in the queue
     except mp.ProcessExitedException as exc:
         raise RuntimeError(f"an aggregation process died ({exc})") from None
+    except Terminated:
+        for p in procs.processes if procs else []:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: each rank stops and rank 0 removes the temporary file
+        for p in procs.processes if procs else []:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        _unlink(getattr(job, "tmp", None))
+        raise
     result, errors = None, []
     while not queue.empty():
         kind, rank, payload = queue.get()

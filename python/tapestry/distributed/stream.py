@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import signal
 import sys
 import threading
 import time
@@ -251,6 +252,7 @@ class Job:
     progress: bool = True
     read_ahead: bool = False  # see aggregate_shard
     metadata: dict | None = None
+    tmp: str | None = None  # the temporary output's path (a launcher sets it to remove it on SIGTERM)
 
 
 @dataclass
@@ -325,24 +327,60 @@ def run_job(job: Job, *, rank: int = 0, world: int = 1, group=None, device: torc
             f.close()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: the run stops and removes its temporary output (exit status 143)."""
+
+    exit_code = 143
+
+
+@contextlib.contextmanager
+def terminate_raises():
+    """While active (main thread only), SIGTERM raises :class:`Terminated`, so that ``finally``
+    blocks run and no temporary output is left behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"terminated by signal {signum}; no output written")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def tmp_path_for(out: str) -> str:
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{uuid.uuid4().hex[:12]}.tmp")
+
+
 def _run(job, files, layout, pl, out, rank, world, group, device):
+    with terminate_raises():
+        return _run_guarded(job, files, layout, pl, out, rank, world, group, device)
+
+
+def _run_guarded(job, files, layout, pl, out, rank, world, group, device):
     # rank 0 creates the temporary file (header written, data area preallocated) in the output's
     # directory and tells every rank its name and the keys' byte offsets, or why it could not
     tmp, starts, error = None, None, None
     if rank == 0:
-        tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{uuid.uuid4().hex[:12]}.tmp")
+        tmp = job.tmp or tmp_path_for(out)
         meta = {"tapestry": f"aggregate rule={job.rule!r} n={len(files)}", **(job.metadata or {})}
         try:
             _, starts = write_header(tmp, layout, {k: str(v) for k, v in meta.items()})
         except OSError as exc:
             error = f"cannot create {tmp}: {exc.strerror}"
+        except BaseException:
+            _unlink(tmp)
+            raise
     if world > 1:
         box = [(tmp, starts, error)]
         dist.broadcast_object_list(box, src=0, group=group)
         tmp, starts, error = box[0]
     if error:
         raise InputError(error)
-    ok = False
+    ok = terminated = False
     try:
         writer = OutputWriter(tmp, layout, starts)
         read_total = [0]
@@ -366,10 +404,15 @@ def _run(job, files, layout, pl, out, rank, world, group, device):
             writer.close(sync=True)
         seconds = time.perf_counter() - t0
         ok = True
+    except Terminated:
+        terminated = True
+        if rank == 0:  # no agreement with the other ranks: they are being stopped too
+            _unlink(tmp)
+        raise
     finally:
         # every rank reports; rank 0 publishes the file only if all succeeded
         flags = [ok] * world
-        if world > 1:
+        if world > 1 and not terminated:
             try:
                 dist.all_gather_object(flags, ok, group=group)
             except Exception:

@@ -18,14 +18,13 @@ import os
 import sys
 import tempfile
 
+from ..cli_args import float_in, int_in, require_modules
+
 HELP = "simulate federated training with robust rules under Byzantine attacks (digits, charlm)"
 
 
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+MAX_CLIENTS, MAX_ROUNDS, MAX_STEPS, MAX_BATCH = 10_000, 100_000, 100_000, 65_536
+_float = float_in(-1e300, 1e300)  # any finite number (the rule or optimizer checks its own range)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -47,27 +46,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="comma-separated rules to compare, e.g. mean,trimmed_mean,median,krum,bulyan")
     g.add_argument("--attack", default="none", metavar="ATTACKS",
                    help="attack, or comma-separated attacks to run each rule under (default none)")
-    g.add_argument("--byzantine", type=_float, default=None,
+    g.add_argument("--byzantine", type=float_in(0, 1, hi_open=True), default=None,
                    help="fraction of clients that are Byzantine (default 0.2 with an attack, else 0)")
-    g.add_argument("--f", type=int, default=None,
+    g.add_argument("--f", type=int_in(0, MAX_CLIENTS), default=None,
                    help="f handed to the rules (default: ceil(byzantine x answering clients per round))")
     g.add_argument("--codec", default=None, help="compress client deltas with this tapestry.compression codec "
                    "(with error feedback)")
     g.add_argument("--secure", action="store_true", help="pairwise-masked secure sum (rule mean only)")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int_in(0, 2**63 - 1), default=d.seed)
     g.add_argument("--out", default=None, metavar="DIR", help="write results.json, results.md and a plot here")
     t = parser.add_argument_group("training")
-    t.add_argument("--clients", type=int, default=d.clients, help=f"(default {d.clients})")
-    t.add_argument("--rounds", type=int, default=d.rounds, help=f"(default {d.rounds})")
-    t.add_argument("--sample", type=_float, default=d.sample, help=f"fraction of clients per round (default {d.sample})")
-    t.add_argument("--dropout", type=_float, default=d.dropout,
+    t.add_argument("--clients", type=int_in(1, MAX_CLIENTS), default=d.clients, help=f"(default {d.clients})")
+    t.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), default=d.rounds, help=f"(default {d.rounds})")
+    t.add_argument("--sample", type=float_in(0, 1, lo_open=True), default=d.sample, help=f"fraction of clients per round (default {d.sample})")
+    t.add_argument("--dropout", type=float_in(0, 1, hi_open=True), default=d.dropout,
                    help=f"fraction of each round's clients that never answer (default {d.dropout})")
-    t.add_argument("--alpha", type=_float, default=d.alpha,
+    t.add_argument("--alpha", type=float_in(0, float("inf"), lo_open=True), default=d.alpha,
                    help=f"Dirichlet concentration of the non-IID split, inf for IID (default {d.alpha})")
-    t.add_argument("--local-steps", type=int, default=d.local_steps, help=f"(default {d.local_steps})")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default {d.batch_size})")
-    t.add_argument("--lr", type=_float, default=d.lr, help=f"client learning rate (default {d.lr}, cosine decay)")
-    t.add_argument("--tau", type=_float, default=d.tau, help=f"centered_clipping radius (default {d.tau})")
+    t.add_argument("--local-steps", type=int_in(1, MAX_STEPS), default=d.local_steps, help=f"(default {d.local_steps})")
+    t.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=d.batch_size, help=f"(default {d.batch_size})")
+    t.add_argument("--lr", type=float_in(0, 1e3, lo_open=True), default=d.lr, help=f"client learning rate (default {d.lr}, cosine decay)")
+    t.add_argument("--tau", type=float_in(0, 1e300, lo_open=True), default=d.tau, help=f"centered_clipping radius (default {d.tau})")
     from ..optim import SERVER_OPTIMIZERS
     s = parser.add_argument_group("server optimizer (tapestry.optim; unset values take the optimizer's defaults)")
     s.add_argument("--server-opt", default=d.server_opt, choices=SERVER_OPTIMIZERS,
@@ -186,6 +185,10 @@ def run(args) -> int:
     from .loop import simulate
     from .tasks import load_task
 
+    needed = {"matplotlib": "pip install 'matplotlib>=3.7'"} if args.out else {}
+    if args.task == "digits":
+        needed["sklearn"] = "pip install 'scikit-learn>=1.3'"
+    require_modules(needed, f"tapestry simulate --task {args.task}" + (" --out" if args.out else ""))
     out = _check_out(args.out) if args.out else None
     configs = _configs(args)  # every run validated before the first round
     first = configs[0]
