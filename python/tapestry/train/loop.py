@@ -117,9 +117,7 @@ def _peers(rank: int, what: str, timeout: float):
     (gloo raises at once when a peer's connection closes, or after the group's timeout)."""
     try:
         yield
-    except CollectiveError:
-        raise
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # CollectiveError included: this names the outer step
         raise CollectiveError(f"tapestry train: rank {rank}: {what} failed: a peer died, hung or raised "
                               f"(timeout {timeout:g} s): {exc}") from None
 
