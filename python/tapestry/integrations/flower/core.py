@@ -18,6 +18,8 @@ Arrays by dtype (docs/flower.md has the reasons):
 
 from __future__ import annotations
 
+import math
+
 import inspect
 import logging
 from collections import Counter
@@ -257,9 +259,11 @@ class RoundAggregator:
     def _integer(rule: Rule, arrays: list[np.ndarray], selected: list[int], weights: list[float] | None) -> np.ndarray:
         if isinstance(rule, Mean):  # Flower's FedAvg: sum of a * (w / total), float64, in reply order
             w = weights if weights is not None else [1.0] * len(arrays)
-            top = max(w)  # weights near 1e308 (checked finite by the rule) must not overflow the sum
-            w = [wi / top for wi in w] if top > 0 else w
             total = sum(w)
+            if not math.isfinite(total):  # weights near 1e308 (each finite, checked by the rule): scale first
+                top = max(w)
+                w = [wi / top for wi in w]
+                total = sum(w)
             acc = arrays[0] * (w[0] / total)
             for a, wi in zip(arrays[1:], w[1:]):
                 acc = acc + a * (wi / total)
