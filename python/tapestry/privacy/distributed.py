@@ -41,6 +41,7 @@ MECHANISMS = ("dgauss", "skellam")
 BETA = math.exp(-0.5)
 NONCE_ROUND = b"tapestry-drd"
 MAX_ROUNDING_TRIES = 1000
+SKELLAM_MAX_MU = 4096  # the exact Skellam sampler sums O(mu) Poisson pieces per draw
 
 
 def _delta2(s: float, c: float, D: int, beta: float = BETA) -> float:
@@ -116,6 +117,9 @@ def plan(*, n: int, d: int, clip: float, noise_multiplier: float, bits: int = 20
     s = lo
     delta2 = _delta2(s, clip, D)
     sigma2 = (noise_multiplier * delta2) ** 2 / n
+    if mechanism == "skellam" and sigma2 / 2 > SKELLAM_MAX_MU:
+        raise ValueError(f"Skellam's exact sampler costs O(mu) per draw: mu = sigma_s^2 / 2 = {sigma2 / 2:.4g} > "
+                         f"{SKELLAM_MAX_MU} at {bits} bits; use fewer bits or the dgauss mechanism")
     q = quantize(sigma2 if mechanism == "dgauss" else sigma2 / 2, "local noise variance", 2.0 ** 40)
     local_var = q / 2 ** DEN_BITS * (1 if mechanism == "dgauss" else 2)
     V = s * s * (n * clip) ** 2 / D + n / 4 + n * local_var * (math.cosh(1.0) if mechanism == "skellam" else 1.0)
