@@ -177,6 +177,19 @@ def test_distributed_noise_level(mechanism, bits):
     assert float(err) == pytest.approx(math.sqrt((1.5 * p.delta2) ** 2 + 10 / 4) / p.scale, rel=0.05)
 
 
+@pytest.mark.parametrize("mechanism, bits, d", [("dgauss", 20, 3000), ("dgauss", 24, 20_000), ("skellam", 10, 500)])
+def test_fused_client_path_equals_reference(mechanism, bits, d):
+    import os
+    p = plan(n=20, d=d, clip=1.0, noise_multiplier=1.0, bits=bits, mechanism=mechanism)
+    dp = DistributedDP(p, seed=1)
+    seeds = [os.urandom(32) for _ in range(3)]
+    for i, scale in enumerate([1e-3, 1.0]):  # inside and far outside the clip
+        x = torch.randn(d, generator=torch.Generator().manual_seed(i)) * scale
+        assert np.array_equal(dp.encode(x, client=i, rnd=2), dp.encode(x, client=i, rnd=2, reference=True))
+        kw = dict(client=i, rnd=2, mask_seeds=seeds, mask_signs=[1, -1, 1])
+        assert np.array_equal(dp.encode(x, **kw), dp.encode(x, reference=True, **kw))
+
+
 def _wraps(p: Plan, rounds: int, n: int) -> int:
     dp = DistributedDP(p, seed=9)
     x = torch.zeros(p.d)
@@ -204,7 +217,9 @@ def test_distributed_refuses():
     with pytest.raises(ValueError, match="no privacy"):
         plan(n=10, d=100, clip=1.0, noise_multiplier=0.0)
     with pytest.raises(ValueError, match="bits"):
-        plan(n=10, d=100, clip=1.0, noise_multiplier=1.0, bits=65)
+        plan(n=10, d=100, clip=1.0, noise_multiplier=1.0, bits=33)
+    with pytest.raises(ValueError, match="2\\^40"):
+        plan(n=10, d=100, clip=1.0, noise_multiplier=1.0, bits=32)
     with pytest.raises(ValueError, match="O\\(mu\\)"):
         plan(n=10, d=100, clip=1.0, noise_multiplier=1.0, bits=24, mechanism="skellam")
 

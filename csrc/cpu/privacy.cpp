@@ -233,4 +233,53 @@ void dp_fwht(float* x, int64_t n, const uint32_t* signs, float scale) {
     }
 }
 
+int64_t dp_client_encode(uint32_t* out, float* work, const float* x, int64_t d, int64_t D, double factor,
+                         const uint32_t* sign_words, float rot_scale, double scale, const uint32_t* round_key,
+                         const uint32_t* round_nonce, int64_t bound2, int64_t max_tries, uint64_t noise_q8,
+                         bool skellam, const uint32_t* noise_key, uint32_t noise_purpose, int64_t chunk, int bits,
+                         const uint32_t* mask_keys, const int8_t* mask_signs, int64_t nmask, const uint32_t* mask_nonce) {
+    constexpr int64_t kTile = 4096;  // keystream words per rounding tile (a multiple of 16)
+#pragma omp parallel for schedule(static) if (D >= 4 * kTile)
+    for (int64_t i = 0; i < D; ++i) work[i] = i < d ? float(double(x[i]) * factor) : 0.0f;
+    dp_fwht(work, D, sign_words, rot_scale);
+    int32_t* q = reinterpret_cast<int32_t*>(out);  // |q| < 2^31 (the plan bounds it); rounded in place
+    int64_t attempt = 0;
+    for (; attempt < max_tries; ++attempt) {
+        __int128 sumsq = 0;
+        int64_t ntiles = (D + kTile - 1) / kTile;
+#pragma omp parallel for schedule(static) if (ntiles >= 4)
+        for (int64_t t = 0; t < ntiles; ++t) {
+            uint32_t u[kTile];
+            int64_t lo = t * kTile, n = std::min(kTile, D - lo);
+            chacha20_keystream(u, round_key, round_nonce, uint64_t(attempt * D + lo), n);
+            __int128 part = 0;
+            for (int64_t j = 0; j < n; ++j) {
+                double y = double(work[lo + j]) * scale, f = std::floor(y);
+                int64_t v = int64_t(f) + (double(u[j]) / 4294967296.0 < y - f ? 1 : 0);
+                q[lo + j] = int32_t(v);
+                part += __int128(v) * v;
+            }
+#pragma omp critical
+            sumsq += part;
+        }
+        if (sumsq <= bound2) break;
+    }
+    if (attempt == max_tries) return -1;
+    const uint64_t S = noise_q8;
+    const uint64_t t = isqrt(S >> kQBits) + 1;
+    const uint32_t ring = bits >= 32 ? 0xFFFFFFFFu : ((1u << bits) - 1u);
+    int64_t nchunks = (D + chunk - 1) / chunk;
+#pragma omp parallel for schedule(dynamic, 1) if (nchunks > 1)
+    for (int64_t c = 0; c < nchunks; ++c) {
+        Stream s(noise_key, noise_purpose, uint64_t(c));
+        int64_t end = std::min(D, (c + 1) * chunk);
+        for (int64_t i = c * chunk; i < end; ++i) {
+            int64_t z = skellam ? poisson(s, S) - poisson(s, S) : dg_one(s, S, t);
+            out[i] = uint32_t(int64_t(q[i]) + z) & ring;
+        }
+    }
+    if (nmask > 0) chacha20_mask(out, out, D, mask_keys, mask_signs, nmask, mask_nonce, 0);
+    return attempt + 1;
+}
+
 }  // namespace tapestry

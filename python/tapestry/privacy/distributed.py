@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from ..secure.prg import chacha20_keystream
-from .rotation import padded, rotate, unrotate
-from .samplers import DEN_BITS, quantize, sample_discrete_gaussian, sample_skellam
+from .rotation import padded, rotate, sign_words, unrotate
+from .samplers import (CHUNK, DEN_BITS, PURPOSE_DG, PURPOSE_SK, _kernel, quantize, sample_discrete_gaussian,
+                       sample_skellam)
 
 log = logging.getLogger("tapestry.privacy")
 MECHANISMS = ("dgauss", "skellam")
@@ -73,7 +74,12 @@ class Plan:
 
     @property
     def ring_bits(self) -> int:
-        return 32 if self.bits <= 32 else 64
+        return 32
+
+    @property
+    def bound2(self) -> int:
+        """Conditional rounding keeps ``sum q_i^2 <= floor(Delta_2^2)`` (exact integers)."""
+        return math.floor(self.delta2 ** 2)
 
 
 def _variance_proxy(s: float, n: int, c: float, D: int, z: float, mech: str) -> float:
@@ -92,8 +98,8 @@ def plan(*, n: int, d: int, clip: float, noise_multiplier: float, bits: int = 20
         raise ValueError(f"clip must be finite and > 0, got {clip}")
     if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
         raise ValueError(f"noise multiplier z must be finite and > 0 (z = 0 gives no privacy), got {noise_multiplier}")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 64:
-        raise ValueError(f"bits must be an int in [2, 64], got {bits!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 32:
+        raise ValueError(f"bits must be an int in [2, 32] (the secure sum's Z_2^32 ring), got {bits!r}")
     if mechanism not in MECHANISMS:
         raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
     if not 0 < wrap_prob < 1:
@@ -120,6 +126,9 @@ def plan(*, n: int, d: int, clip: float, noise_multiplier: float, bits: int = 20
     if mechanism == "skellam" and sigma2 / 2 > SKELLAM_MAX_MU:
         raise ValueError(f"Skellam's exact sampler costs O(mu) per draw: mu = sigma_s^2 / 2 = {sigma2 / 2:.4g} > "
                          f"{SKELLAM_MAX_MU} at {bits} bits; use fewer bits or the dgauss mechanism")
+    if sigma2 > 2.0 ** 40:
+        raise ValueError(f"local noise variance sigma_s^2 = {sigma2:.4g} > 2^40, the exact sampler's limit, at {bits} bits: "
+                         f"use fewer bits")
     q = quantize(sigma2 if mechanism == "dgauss" else sigma2 / 2, "local noise variance", 2.0 ** 40)
     local_var = q / 2 ** DEN_BITS * (1 if mechanism == "dgauss" else 2)
     V = s * s * (n * clip) ** 2 / D + n / 4 + n * local_var * (math.cosh(1.0) if mechanism == "skellam" else 1.0)
@@ -128,6 +137,9 @@ def plan(*, n: int, d: int, clip: float, noise_multiplier: float, bits: int = 20
     bound = 2 * D * math.exp(-T * T / (2 * V))
     if bound > wrap_prob:
         raise ValueError(f"wrap-around bound 2D exp(-2^(2b-2)/(2V)) = {bound:.3g} > wrap_prob {wrap_prob:g}")
+    if (delta2 + math.sqrt(D)) ** 2 >= 2.0 ** 62:
+        raise ValueError(f"the rounded vectors' squared norm (Delta_2 + sqrt(D))^2 = {(delta2 + math.sqrt(D)) ** 2:.3g} "
+                         f"must stay below 2^62 (exact int64 norms): use fewer bits")
     tau = 10 * sum(math.exp(-2 * math.pi ** 2 * local_var * k / (k + 1)) for k in range(1, min(n, 10_000)))
     if mechanism == "dgauss" and tau > 1e-4:
         raise ValueError(f"local discrete Gaussian variance {local_var:.3g} is too small for the Gaussian "
@@ -151,22 +163,59 @@ class DistributedDP:
     def rotation_seed(self, rnd: int) -> bytes:
         return _seed(self.seed, rnd, "rotation")
 
-    def encode(self, x: torch.Tensor, *, client: int, rnd: int, noise: bool = True) -> np.ndarray:
-        """Client ``client``'s ring vector for round ``rnd`` (NumPy uint32, uint64 for b > 32)."""
+    def encode(self, x: torch.Tensor, *, client: int, rnd: int, noise: bool = True, reference: bool = False,
+               mask_seeds=(), mask_signs=()) -> np.ndarray:
+        """Client ``client``'s ring vector for round ``rnd`` (NumPy uint32). float32 input takes the
+        fused C++ path (``dp_client_encode``) when built; ``reference=True`` the step-by-step
+        composition below (the same bits). ``mask_seeds``/``mask_signs``: optional pairwise masks
+        (``chacha20_mask``) fused at the end, as a client of the secure protocol would add them."""
         p = self.plan
-        x = torch.as_tensor(x).reshape(-1).to(torch.float64)
+        x = torch.as_tensor(x).reshape(-1)
         if x.numel() != p.d:
             raise ValueError(f"client {client}: {x.numel()} parameters, the plan has d={p.d}")
-        if not bool(torch.isfinite(x).all()):
+        x64 = x.to(torch.float64)
+        if not bool(torch.isfinite(x64).all()):
             raise ValueError(f"client {client}: non-finite update cannot be clipped")
-        norm = float(torch.linalg.vector_norm(x))
-        if norm > p.clip:
-            x = x * (p.clip / norm)
+        norm = float(torch.linalg.vector_norm(x64))
+        factor = p.clip / norm if norm > p.clip else 1.0
+        C = None if reference or x.dtype != torch.float32 or not noise else _kernel()
+        C = C if C is not None and hasattr(C, "dp_client_encode") else None
+        if C is not None:
+            return self._fused(C, x.contiguous(), factor, client, rnd, mask_seeds, mask_signs)
+        x = x64 * factor if factor != 1.0 else x64
         y = rotate(x.to(torch.float32), seed=self.rotation_seed(rnd)).to(torch.float64) * p.scale
         q = self.round(y, client=client, rnd=rnd)
         if noise:
             q = q + self.noise(client=client, rnd=rnd)
-        return self.to_ring(q)
+        ring = self.to_ring(q)
+        if mask_seeds:
+            from ..secure import chacha20_mask
+            ring = chacha20_mask(torch.from_numpy(ring).view(torch.int32), list(mask_seeds), list(mask_signs)) \
+                .view(torch.int32).numpy().view(np.uint32)
+        return ring
+
+    def _fused(self, C, x, factor, client, rnd, mask_seeds, mask_signs) -> np.ndarray:
+        from ..secure.prg import NONCE_MASK, _words, seeds_to_keys
+        p = self.plan
+        out = torch.empty(p.D, dtype=torch.int32)
+        work = torch.empty(p.D, dtype=torch.float32)
+        signs = sign_words(self.rotation_seed(rnd), p.D)
+        rkey = _words(_seed(self.seed, rnd, client, "rounding"), 8, "key", "cpu")
+        rnon = _words(NONCE_ROUND, 3, "nonce", "cpu")
+        nkey = _words(_seed(self.seed, rnd, client, "noise"), 8, "key", "cpu")
+        sk = p.mechanism == "skellam"
+        q8 = quantize(p.local_var / 2 if sk else p.local_var, "local noise variance", 2.0 ** 40)
+        purpose = int.from_bytes(PURPOSE_SK if sk else PURPOSE_DG, "little")
+        mk = seeds_to_keys(list(mask_seeds), "cpu")
+        ms = torch.tensor(list(mask_signs), dtype=torch.int8)
+        mn = _words(NONCE_MASK, 3, "nonce", "cpu")
+        tries = C.dp_client_encode(out.data_ptr(), work.data_ptr(), x.data_ptr(), p.d, p.D, factor, signs.data_ptr(),
+                                   float(np.float32(1.0 / math.sqrt(p.D))), p.scale, rkey.data_ptr(), rnon.data_ptr(),
+                                   p.bound2, MAX_ROUNDING_TRIES, q8, sk, nkey.data_ptr(), purpose, CHUNK, p.bits,
+                                   mk.data_ptr(), ms.data_ptr(), len(mask_seeds), mn.data_ptr())
+        if tries < 0:
+            raise RuntimeError(f"client {client}: conditional rounding failed {MAX_ROUNDING_TRIES} times")
+        return out.numpy().view(np.uint32)
 
     def round(self, y: torch.Tensor, *, client: int, rnd: int) -> torch.Tensor:
         """Stochastic rounding, redrawn until ``||q||_2 <= Delta_2`` (conditional rounding)."""
@@ -176,9 +225,9 @@ class DistributedDP:
         frac = (y - lo).numpy()
         for attempt in range(MAX_ROUNDING_TRIES):
             u = chacha20_keystream(key, NONCE_ROUND, attempt * p.D, p.D).view(torch.int32).numpy().view(np.uint32)
-            q = lo + torch.from_numpy((u / 2.0 ** 32 < frac).astype(np.float64))
-            if float(torch.linalg.vector_norm(q)) <= p.delta2:
-                return q.to(torch.int64)
+            q = (lo + torch.from_numpy((u / 2.0 ** 32 < frac).astype(np.float64))).to(torch.int64)
+            if int((q * q).sum()) <= p.bound2:  # exact: the plan keeps these squares below 2^62
+                return q
         raise RuntimeError(f"client {client}: conditional rounding failed {MAX_ROUNDING_TRIES} times "
                            f"(norm bound {p.delta2:.4g}); the plan is inconsistent")
 
