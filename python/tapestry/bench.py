@@ -41,6 +41,7 @@ FAMILIES = {
     "compression": "tapestry.compression.bench_cases",
     "secure": "tapestry.secure.bench_cases",
     "collective": "tapestry.distributed.bench_cases",
+    "privacy": "tapestry.privacy.bench_cases",
 }
 
 

@@ -122,11 +122,13 @@ class Transport:
         elif engine is not None:
             from ..privacy import Accountant, DistributedDP, plan
             cfg = self.config
-            self._plan = plan(n=cfg.answering, d=d, clip=cfg.dp_clip, noise_multiplier=engine, bits=cfg.dp_bits,
+            # fixed-size sampling is accounted under replace-one neighbours: sensitivity 2 Delta_2, as centrally
+            two = 2.0 if cfg.dp_sampling == "fixed" and cfg.per_round < cfg.clients else 1.0
+            self._plan = plan(n=cfg.answering, d=d, clip=cfg.dp_clip, noise_multiplier=two * engine, bits=cfg.dp_bits,
                               mechanism=cfg.dp_mechanism)
             self._distributed = DistributedDP(self._plan, seed=cfg.seed)
             self._z = engine
-            self._accountant = Accountant(_dp_schedule(cfg), self._plan.effective_noise_multiplier, cfg.dp_delta)
+            self._accountant = Accountant(_dp_schedule(cfg), self._plan.effective_noise_multiplier / two, cfg.dp_delta)
         self.masks_dropouts = self._distributed is not None
 
     def privacy(self) -> dict | None:
@@ -143,7 +145,7 @@ class Transport:
                        clipped_fraction=[r.clipped_fraction for r in c.reports])
         elif self._distributed is not None:
             p = self._plan
-            out.update(noise_multiplier=self._z, effective_noise_multiplier=p.effective_noise_multiplier,
+            out.update(noise_multiplier=self._z, effective_noise_multiplier=self._accountant.z,
                        epsilon=self._eps, bits=p.bits, scale=p.scale, delta2=p.delta2, local_variance=p.local_var,
                        wrap_bound=p.wrap_bound, dg_mechanism=p.mechanism)
         else:
