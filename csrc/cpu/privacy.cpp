@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "chacha.h"
 
@@ -222,14 +223,22 @@ void dp_fwht(float* x, int64_t n, const uint32_t* signs, float scale) {
     // Pass 2: stages h >= block act between rows of the (rows x block) matrix; a strip of kStrip
     // columns over all rows stays in L2 while all of them run, in ascending h (the same order, so
     // the same float results, as one stage at a time).
+    // The strip is gathered into a contiguous buffer first: rows lie 2^16 bytes apart, which would
+    // map them all onto a couple of cache sets (conflict misses on every stage).
     const int64_t strip = std::min(kStrip, block);
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < block; c += strip) {
-        for (int64_t h = 1; h < rows; h <<= 1)
-            for (int64_t r = 0; r < rows; r += 2 * h)
-                for (int64_t k = r; k < r + h; ++k) butterflies(x + k * block + c, x + (k + h) * block + c, strip);
-        if (scale != 1.0f)
-            for (int64_t r = 0; r < rows; ++r) scale_signs(x + r * block + c, strip, nullptr, 0, scale);
+#pragma omp parallel
+    {
+        std::vector<float> buf(size_t(rows * strip));
+        float* b = buf.data();
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < block; c += strip) {
+            for (int64_t r = 0; r < rows; ++r) std::memcpy(b + r * strip, x + r * block + c, strip * sizeof(float));
+            for (int64_t h = 1; h < rows; h <<= 1)
+                for (int64_t r = 0; r < rows; r += 2 * h)
+                    butterflies(b + r * strip, b + (r + h) * strip, h * strip);  // rows r..r+h-1 against r+h..
+            if (scale != 1.0f) scale_signs(b, rows * strip, nullptr, 0, scale);
+            for (int64_t r = 0; r < rows; ++r) std::memcpy(x + r * block + c, b + r * strip, strip * sizeof(float));
+        }
     }
 }
 
