@@ -55,7 +55,7 @@ def cases(cfg: Config) -> list[Case]:
         y.copy_(x)  # the transform is in place: start from the same data each time
         C.dp_fwht(y.data_ptr(), D, signs.data_ptr(), 1 / math.sqrt(D))
     out.append(Case("privacy", "fwht_plus_copy", _one_thread(fwht), 4 * D, "cpu", baseline=f"copy_{D}"))
-    n = 1 << 20
+    n = 1 << (16 if cfg.quick else 20)
     _, words = sample_discrete_gaussian(100.0, n, seed=0, return_words=True)
     key, nonce = os.urandom(32), os.urandom(12)
     out.append(Case("privacy", "chacha20_words", _one_thread(lambda: chacha20_keystream(key, nonce, 0, words)), 8 * n,
@@ -65,7 +65,7 @@ def cases(cfg: Config) -> list[Case]:
     _, sw = sample_skellam(2.0, n // 4, seed=0, return_words=True)
     out.append(Case("privacy", f"skellam_mu=2_quarter[{4 * sw / n:.2f} words/draw]", _one_thread(
         lambda: sample_skellam(2.0, n // 4, seed=0)), 2 * n, "cpu", "int64", baseline="chacha20_words"))
-    dc = n
+    dc = n  # client path size (2^20; 2^16 with --quick)
     p = plan(n=100, d=dc, clip=1.0, noise_multiplier=1.0, bits=20)
     dp = DistributedDP(p, seed=0)
     u = torch.randn(dc)
