@@ -7,6 +7,7 @@ namespace py = pybind11;
 void bind_robust(py::module_& m);
 void bind_quant(py::module_& m);
 void bind_chacha(py::module_& m);
+void bind_privacy(py::module_& m);
 
 static py::dict cpu_features() {
     py::dict d;
@@ -26,4 +27,5 @@ PYBIND11_MODULE(_C, m) {
     bind_robust(m);
     bind_quant(m);
     bind_chacha(m);
+    bind_privacy(m);
 }

@@ -42,6 +42,7 @@ FAMILIES = {
     "secure": "tapestry.secure.bench_cases",
     "collective": "tapestry.distributed.bench_cases",
     "byzfl": "tapestry.aggregators.bench_cases",
+    "privacy": "tapestry.privacy.bench_cases",
 }
 
 

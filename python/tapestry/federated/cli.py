@@ -80,8 +80,51 @@ def configure(parser: argparse.ArgumentParser) -> None:
         if att.param:
             a.add_argument(f"--{att.name}-{att.param}", type=_float, default=None,
                            help=f"{att.help} (default {'auto' if att.default is None else att.default})")
+    _dp_arguments(parser, d)
     o = parser.add_argument_group("output")
     o.add_argument("--quiet", action="store_true", help="no progress bar and no per-round table")
+
+
+def _dp_arguments(parser, d) -> None:
+    p = parser.add_argument_group("differential privacy (tapestry.privacy, docs/privacy.md; rule mean)")
+    p.add_argument("--dp", choices=["central", "distributed"], default=None,
+                   help="central: the server clips and adds Gaussian noise; distributed: clients add discrete noise "
+                        "inside the secure sum")
+    p.add_argument("--epsilon", default=None, metavar="E[,E...]",
+                   help="privacy budget of the whole run at --delta; a list (1,4,8,inf) runs each and plots accuracy "
+                        "against epsilon; inf is the non-private run")
+    p.add_argument("--delta", type=_float, default=d.dp_delta, help=f"(default {d.dp_delta})")
+    p.add_argument("--dp-clip", type=_float, default=d.dp_clip, help=f"L2 clip of each update (default {d.dp_clip})")
+    p.add_argument("--dp-adaptive", action="store_true", help="central: adapt the clip toward the median norm")
+    p.add_argument("--dp-sampling", choices=["fixed", "poisson"], default=d.dp_sampling,
+                   help="fixed: --sample x clients each round; poisson: each client with probability --sample")
+    p.add_argument("--dp-accountant", choices=["rdp", "pld"], default=d.dp_accountant)
+    p.add_argument("--dp-bits", type=int, default=d.dp_bits, help=f"distributed: ring Z_2^b (default {d.dp_bits})")
+    p.add_argument("--dp-mechanism", choices=["dgauss", "skellam"], default=d.dp_mechanism)
+
+
+def _epsilons(args) -> list:
+    if getattr(args, "dp", None) is None:
+        if getattr(args, "epsilon", None) is not None:
+            raise ValueError("--epsilon needs --dp central or --dp distributed")
+        return [None]
+    if args.epsilon is None:
+        raise ValueError(f"--dp {args.dp} needs --epsilon (a number, a list, or inf)")
+    out = []
+    for e in args.epsilon.split(","):
+        try:
+            out.append(float(e))
+        except ValueError:
+            raise ValueError(f"--epsilon: not a number: {e!r}") from None
+    return out
+
+
+def _dp_settings(args, eps) -> dict:
+    if eps is None:
+        return {}
+    return dict(dp=args.dp, dp_epsilon=eps, dp_delta=args.delta, dp_clip=args.dp_clip, dp_adaptive=args.dp_adaptive,
+                dp_sampling=args.dp_sampling, dp_accountant=args.dp_accountant, dp_bits=args.dp_bits,
+                dp_mechanism=args.dp_mechanism)
 
 
 def _check_out(path: str) -> str:
@@ -110,13 +153,14 @@ def _configs(args) -> list:
         att = get_attack(attack)
         byz = args.byzantine if args.byzantine is not None else (0.0 if attack == "none" else 0.2)
         strength = getattr(args, f"{att.name}_{att.param}".replace("-", "_"), None) if att.param else None
-        for rule in rules:
+        for rule, eps in [(r, e) for r in rules for e in _epsilons(args)]:
             cfg = Config(task=args.task, rule=rule, attack=attack, byzantine=byz, clients=args.clients,
                          sample=args.sample, rounds=args.rounds, local_steps=args.local_steps,
                          batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, dropout=args.dropout, f=args.f,
                          strength=strength, tau=args.tau, codec=args.codec, secure=args.secure, seed=args.seed,
                          server_opt=args.server_opt, server_lr=args.server_lr, server_momentum=args.server_momentum,
-                         server_beta1=args.server_beta1, server_beta2=args.server_beta2, server_tau=args.server_tau)
+                         server_beta1=args.server_beta1, server_beta2=args.server_beta2, server_tau=args.server_tau,
+                         **_dp_settings(args, eps))
             validate(cfg)
             configs.append(cfg)
     return configs
@@ -206,6 +250,8 @@ def run(args) -> int:
                 progress.update(bar, completed=rnd, m=shown)
 
             runs.append(simulate(cfg, task=task, on_round=tick))
+            if cfg.dp:  # one column per epsilon
+                runs[-1].rule = f"{cfg.rule} dp-{cfg.dp} eps={cfg.dp_epsilon:g}"
     metric = task.metric
     stdout = Console()
     if not args.quiet:
@@ -223,6 +269,10 @@ def run(args) -> int:
                + (", secure sum" if first.secure else "")
                + (f", server optimizer {first.server_opt} {first.server_hparams or ''}".rstrip()
                   if first.server_opt != "fedavg" or first.server_hparams else ""))
+    if first.dp:
+        from ..privacy.report import epsilon_line
+        details += f", {first.dp} DP (delta {first.dp_delta:g}, clip {first.dp_clip:g}, {first.dp_sampling} sampling, " \
+                   f"{first.dp_accountant})\n" + "\n".join(epsilon_line(r) for r in runs)
     print(md + "\n\n" + details)
     if out:
         record = {"task": first.task, "metric": metric, "command": sys.argv[1:], "settings": details,
@@ -232,5 +282,8 @@ def run(args) -> int:
         with open(os.path.join(out, "results.md"), "w") as fh:
             fh.write(md + "\n\n" + details + "\n")
         plot(runs, metric, os.path.join(out, f"{metric}.png"))
+        if first.dp:
+            from ..privacy.report import plot_epsilon
+            plot_epsilon(runs, metric, os.path.join(out, "privacy.png"))
         print(f"wrote {out}/results.json, results.md, {metric}.png", file=sys.stderr)
     return 0

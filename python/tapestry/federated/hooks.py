@@ -51,10 +51,50 @@ def check(config) -> None:
                              f"(FedAvg), not {config.rule!r}")
         if config.codec not in (None, "none"):
             raise ValueError("--secure and --codec cannot be combined (masking works on the dense fixed-point deltas)")
+        if config.dp == "central":
+            raise ValueError("--dp central clips each update on the server, which --secure hides from it: use "
+                             "--dp distributed (noise added by the clients inside the secure sum)")
         threshold = config.per_round // 2 + 1  # secure_sum's default: a strict majority
         if config.answering < threshold:
             raise ValueError(f"--secure needs at least {threshold} of {config.per_round} clients to answer each round "
                              f"(a strict majority), --dropout {config.dropout} leaves {config.answering}")
+
+
+def check_dp(config) -> None:
+    """Refuse a DP setting that cannot run or cannot be accounted, before any training."""
+    if not config.dp:
+        return
+    if config.dp not in ("central", "distributed"):
+        raise ValueError(f"--dp must be 'central' or 'distributed', got {config.dp!r}")
+    if config.rule != "mean":
+        raise ValueError(f"--dp {config.dp} privatizes the mean (FedAvg), not rule {config.rule!r}")
+    if config.codec not in (None, "none"):
+        raise ValueError(f"--dp and --codec cannot be combined")
+    if config.dp == "distributed" and config.dp_sampling != "fixed":
+        raise ValueError("--dp distributed sizes each client's noise share for a known number of clients: "
+                         "use --dp-sampling fixed")
+    _dp_engine(config)  # the accountant's calibration: unreachable targets fail here
+
+
+def _dp_schedule(config):
+    from ..privacy import Schedule
+    return Schedule(population=config.clients, per_round=config.per_round, rounds=config.rounds,
+                    sampling=config.dp_sampling, accountant=config.dp_accountant)
+
+
+def _dp_engine(config):
+    """CentralDP for --dp central; for --dp distributed the calibrated noise multiplier (or None: inf)."""
+    import math
+
+    from ..privacy import CentralDP, noise_for_epsilon
+    if config.dp == "central":
+        return CentralDP(_dp_schedule(config), delta=config.dp_delta, epsilon=config.dp_epsilon, clip=config.dp_clip,
+                         adaptive=config.dp_adaptive, seed=config.seed)
+    if not config.dp_epsilon > 0:
+        raise ValueError(f"--epsilon must be > 0, got {config.dp_epsilon}")
+    if math.isinf(config.dp_epsilon):
+        return None
+    return noise_for_epsilon(config.dp_epsilon, delta=config.dp_delta, schedule=_dp_schedule(config))
 
 
 class Transport:
@@ -67,9 +107,60 @@ class Transport:
         # With secure sum, clients that drop out have already masked: the protocol recovers them.
         self.masks_dropouts = self.secure
         self._compressors: dict[int, object] = {}
+        self.dp = config.dp
+        self._central = self._distributed = self._z = None
+        self._eps: list[float] = []
+
+    def start(self, d: int) -> None:
+        """Set up what needs the model size: the distributed-DP plan (refused here, before training)."""
+        if not self.dp:
+            return
+        check_dp(self.config)
+        engine = _dp_engine(self.config)
+        if self.dp == "central":
+            self._central = engine
+        elif engine is not None:
+            from ..privacy import Accountant, DistributedDP, plan
+            cfg = self.config
+            # fixed-size sampling is accounted under replace-one neighbours: sensitivity 2 Delta_2, as centrally
+            two = 2.0 if cfg.dp_sampling == "fixed" and cfg.per_round < cfg.clients else 1.0
+            self._plan = plan(n=cfg.answering, d=d, clip=cfg.dp_clip, noise_multiplier=two * engine, bits=cfg.dp_bits,
+                              mechanism=cfg.dp_mechanism)
+            self._distributed = DistributedDP(self._plan, seed=cfg.seed)
+            self._z = engine
+            self._accountant = Accountant(_dp_schedule(cfg), self._plan.effective_noise_multiplier / two, cfg.dp_delta)
+        self.masks_dropouts = self._distributed is not None
+
+    def privacy(self) -> dict | None:
+        """What results.json records about privacy (None without --dp)."""
+        if not self.dp:
+            return None
+        cfg = self.config
+        out = {"mechanism": self.dp, "target_epsilon": cfg.dp_epsilon if cfg.dp_epsilon != float("inf") else None,
+               "delta": cfg.dp_delta, "sampling": cfg.dp_sampling, "accountant": cfg.dp_accountant}
+        if self._central is not None and self._central.private:
+            c = self._central
+            out.update(noise_multiplier=c.z, noise_multiplier_data=c.z_data, adaptive=c.adaptive,
+                       epsilon=[r.epsilon for r in c.reports], clip=[r.clip for r in c.reports],
+                       clipped_fraction=[r.clipped_fraction for r in c.reports])
+        elif self._distributed is not None:
+            p = self._plan
+            out.update(noise_multiplier=self._z, effective_noise_multiplier=self._accountant.z,
+                       epsilon=self._eps, bits=p.bits, scale=p.scale, delta2=p.delta2, local_variance=p.local_var,
+                       wrap_bound=p.wrap_bound, dg_mechanism=p.mechanism)
+        else:
+            out.update(epsilon=None, note="epsilon = inf: the non-private run")
+        return out
 
     def aggregate(self, rule, deltas: torch.Tensor, clients: list[int], dropped: list[int],
                   byzantine: set[int], rnd: int) -> torch.Tensor:
+        if self._central is not None and self._central.private:
+            return self._central.aggregate(deltas, rnd).reshape(-1).float()
+        if self._distributed is not None:
+            drop_rows = [i for i, c in enumerate(clients) if c in dropped]
+            total, info = self._distributed.secure_sum(deltas, rnd=rnd, dropouts=drop_rows, return_info=True)
+            self._eps.append(self._accountant.step())
+            return (total / len(info.survivors)).float()
         if self.secure:
             return self._secure(deltas, clients, dropped, rnd)
         if self.codec:

@@ -65,6 +65,16 @@ class Config:
     server_beta1: float | None = None
     server_beta2: float | None = None
     server_tau: float | None = None
+    # differential privacy (tapestry.privacy, docs/privacy.md; rule mean only)
+    dp: str | None = None           # "central" (server clips + noises) | "distributed" (noise inside secure sum)
+    dp_epsilon: float = math.inf    # epsilon for the whole run at dp_delta (inf: the non-private run)
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0            # L2 clip of each delta (adaptive: the initial clip)
+    dp_adaptive: bool = False       # central: adaptive clipping toward the median update norm
+    dp_sampling: str = "fixed"      # "fixed": the loop's draw of per_round clients; "poisson": each w.p. sample
+    dp_accountant: str = "rdp"      # "rdp" | "pld"
+    dp_bits: int = 20               # distributed: the ring Z_2^b
+    dp_mechanism: str = "dgauss"    # distributed: "dgauss" | "skellam"
     extra: dict = field(default_factory=dict)  # reserved for hooks (codec block size, ...)
 
     # Derived sizes, the same in every round (the rule's requirements are checked against them).
@@ -147,6 +157,7 @@ def validate(config: Config) -> None:
     if config.n_byzantine >= config.clients:
         raise ValueError(f"byzantine {config.byzantine} makes all {config.clients} clients Byzantine")
     hooks.check(config)
+    hooks.check_dp(config)
     try:  # names and ranges of the server optimizer's settings, on a one-value model
         server_optimizer(config.server_opt, torch.zeros(1), **config.server_hparams)
     except (ValueError, TypeError) as exc:
@@ -218,6 +229,7 @@ class RunResult:
     config: dict
     seconds: float
     nonfinite_rounds: int = 0  # rounds whose aggregate held a NaN/Inf (FedAvg under nan/inf)
+    privacy: dict | None = None  # with --dp: epsilon per round, noise multiplier, ... (hooks.Transport.privacy)
 
     @property
     def final_accuracy(self) -> float:
@@ -235,7 +247,10 @@ class RunResult:
         out = {"rule": self.rule, "attack": self.attack, "accuracy": acc, "final_accuracy": acc[-1],
                "loss": loss, "final_loss": loss[-1],
                "metric": self.metric, "seconds": round(self.seconds, 3), "nonfinite_rounds": self.nonfinite_rounds,
-               "config": self.config}
+               "config": {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)  # --alpha/--epsilon inf
+                          for k, v in self.config.items()}}
+        if self.privacy is not None:
+            out["privacy"] = self.privacy
         return out
 
 
@@ -260,16 +275,20 @@ def simulate(config: Config, *, task: Task | None = None,
         order = torch.randperm(config.clients, generator=_gen(config.seed, 1))
         byzantine = set(order[:config.n_byzantine].tolist())
         transport = hooks.Transport(config)
+        transport.start(w.numel())  # plans that need the model size (distributed DP) fail here, before training
         accuracy, loss, bad_rounds = [], [], 0
         for rnd in range(1, config.rounds + 1):
             sampled = torch.randperm(config.clients, generator=_gen(config.seed, 2, rnd))[:config.per_round]
             sampled = sorted(sampled.tolist())
+            if config.dp and config.dp_sampling == "poisson":  # each client independently w.p. `sample`
+                sampled = (torch.rand(config.clients, generator=_gen(config.seed, 2, rnd)) < config.sample).nonzero()
+                sampled = sampled.reshape(-1).tolist()
             drop_pick = torch.randperm(len(sampled), generator=_gen(config.seed, 3, rnd))[:config.dropped].tolist()
             dropped = sorted(sampled[i] for i in drop_pick)
             answering = [c for c in sampled if c not in dropped]
             if not transport.masks_dropouts:
                 sampled = answering  # dropped clients never train nor send anything
-            deltas = torch.stack([
+            deltas = w.new_zeros((0, w.numel())) if not sampled else torch.stack([
                 local_train(task, model, w, c, config, _gen(config.seed, 4, rnd, c), lr=round_lr(config, rnd),
                             flip_labels=attack.poisons_data and c in byzantine)
                 for c in sampled])
@@ -288,4 +307,5 @@ def simulate(config: Config, *, task: Task | None = None,
                 on_round(rnd, metrics)
     cfg = asdict(config)
     cfg.update(f=config.rule_f, n_byzantine=config.n_byzantine, per_round=config.per_round)
-    return RunResult(config.rule, config.attack, task.metric, accuracy, loss, cfg, time.perf_counter() - start, bad_rounds)
+    return RunResult(config.rule, config.attack, task.metric, accuracy, loss, cfg, time.perf_counter() - start, bad_rounds,
+                     privacy=transport.privacy())

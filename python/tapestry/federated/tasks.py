@@ -53,11 +53,12 @@ def dirichlet_split(labels: np.ndarray, clients: int, alpha: float, rng: np.rand
     from Dirichlet(alpha, ..., alpha); redrawn (up to 100 times) until every client has
     ``min_size`` examples. ``alpha=inf`` deals the examples round-robin after a shuffle (IID)."""
     n = len(labels)
-    if clients * min_size > n:
-        raise ValueError(f"{clients} clients need at least {clients * min_size} examples ({min_size} each), the task has {n}")
-    if math.isinf(alpha):
+    if math.isinf(alpha) and clients <= n:  # round-robin: every client gets n // clients or one more
         perm = rng.permutation(n)
         return [np.sort(perm[i::clients]) for i in range(clients)]
+    if clients * min_size > n:
+        raise ValueError(f"{clients} clients need at least {clients * min_size} examples ({min_size} each), the task has "
+                         f"{n}" + ("" if math.isinf(alpha) else " (--alpha inf deals them out IID, down to 1 each)"))
     for _ in range(100):
         parts: list[list[int]] = [[] for _ in range(clients)]
         for c in np.unique(labels):

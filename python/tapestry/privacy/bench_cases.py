@@ -1,0 +1,83 @@
+"""``tapestry bench --family privacy``: the transform, the exact samplers and the fused client path,
+each beside a same-run baseline, on one core.
+
+* ``copy`` (baseline): ``torch.clone`` of ``D = 2^24`` float32 (``D = d`` rounded up with ``--quick``);
+  ``fwht`` rows: the cache-blocked randomized Hadamard transform in place (signs fused), one core.
+* ``chacha20_words`` (baseline): the keystream the samplers consume, as many words as they used;
+  ``discrete_gaussian`` / ``skellam`` rows: 2^20 exact draws on one core (the name gives words per
+  draw; draws per second = 2^20 / time).
+* ``client_path``: clip, rotate, conditional stochastic rounding, discrete Gaussian noise, reduce
+  mod 2^20 and mask with k = 8 pairwise keystreams, fused, one core, for ``2^20`` coordinates;
+  its baselines are the copy and the sampler at the same size (``client_path_vs_sampler``).
+GB/s counts float32 bytes read for the transform and the client path, int64 bytes written for samplers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .. import _native
+from ..bench import Case, Config
+
+
+def _one_thread(fn):
+    C = _native.require("_C")
+
+    def run():
+        before = C.cpu_features()["omp_max_threads"]
+        C.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            C.set_num_threads(before)
+    return run
+
+
+def cases(cfg: Config) -> list[Case]:
+    if cfg.device != "cpu":
+        return []
+    from ..secure.prg import chacha20_keystream
+    from .distributed import DistributedDP, plan
+    from .rotation import padded, sign_words
+    from .samplers import sample_discrete_gaussian, sample_skellam
+
+    C = _native.require("_C")
+    D = padded(cfg.d) if cfg.quick else 1 << 24
+    x = torch.randn(D)
+    y = torch.empty_like(x)
+    signs = sign_words(1, D)
+    out = [Case("privacy", f"copy_{D}", _one_thread(lambda: y.copy_(x)), 4 * D, is_baseline=True)]
+
+    def fwht():
+        y.copy_(x)  # the transform is in place: start from the same data each time
+        C.dp_fwht(y.data_ptr(), D, signs.data_ptr(), 1 / math.sqrt(D))
+    out.append(Case("privacy", "fwht_plus_copy", _one_thread(fwht), 4 * D, "cpu", baseline=f"copy_{D}"))
+    n = 1 << (16 if cfg.quick else 20)
+    _, words = sample_discrete_gaussian(100.0, n, seed=0, return_words=True)
+    key, nonce = os.urandom(32), os.urandom(12)
+    out.append(Case("privacy", "chacha20_words", _one_thread(lambda: chacha20_keystream(key, nonce, 0, words)), 8 * n,
+                    "cpu", "int64", is_baseline=True))
+    out.append(Case("privacy", f"discrete_gaussian_s2=100[{words / n:.2f} words/draw]", _one_thread(
+        lambda: sample_discrete_gaussian(100.0, n, seed=0)), 8 * n, "cpu", "int64", baseline="chacha20_words"))
+    _, sw = sample_skellam(2.0, n // 4, seed=0, return_words=True)
+    out.append(Case("privacy", f"skellam_mu=2_quarter[{4 * sw / n:.2f} words/draw]", _one_thread(
+        lambda: sample_skellam(2.0, n // 4, seed=0)), 2 * n, "cpu", "int64", baseline="chacha20_words"))
+    dc = n  # client path size (2^20; 2^16 with --quick)
+    p = plan(n=100, d=dc, clip=1.0, noise_multiplier=1.0, bits=20)
+    dp = DistributedDP(p, seed=0)
+    u = torch.randn(dc)
+    seeds, sg = [os.urandom(32) for _ in range(9)], [1] + [1 if i % 2 else -1 for i in range(8)]
+    xc, yc = torch.randn(dc), torch.empty(dc)
+    out.append(Case("privacy", f"copy_{dc}", _one_thread(lambda: yc.copy_(xc)), 4 * dc, is_baseline=True))
+    out.append(Case("privacy", "dg_sampler_client_size", _one_thread(
+        lambda: sample_discrete_gaussian(p.local_var, p.D, seed=1)), 4 * dc, "cpu", "int64", is_baseline=True))
+    out.append(Case("privacy", "client_path_k8", _one_thread(
+        lambda: dp.encode(u, client=0, rnd=1, mask_seeds=seeds, mask_signs=sg)), 4 * dc, "cpu",
+        baseline=f"copy_{dc}"))
+    out.append(Case("privacy", "client_path_k8_vs_sampler", _one_thread(
+        lambda: dp.encode(u, client=0, rnd=1, mask_seeds=seeds, mask_signs=sg)), 4 * dc, "cpu",
+        baseline="dg_sampler_client_size"))
+    return out

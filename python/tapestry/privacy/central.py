@@ -1,0 +1,137 @@
+"""Central differential privacy for mean aggregation (DP-FedAvg, McMahan et al. 2018; adaptive
+clipping, Andrew et al. 2021).
+
+Per round: clip each participant's update to L2 norm ``C``; sum; add ``N(0, (z_data * S)^2)`` per
+coordinate, where ``S`` is the sum's sensitivity (``C`` under add/remove-one neighbours, i.e.
+Poisson sampling; ``2C`` under replace-one, i.e. fixed-size sampling); divide by the expected
+number of participants (``q N`` for Poisson sampling, ``m`` for fixed size). With adaptive
+clipping, ``C`` then moves geometrically toward the target quantile ``gamma`` of the update norms:
+``C <- C exp(-eta (b~ - gamma))`` with ``b~`` the noised fraction of unclipped updates (noise
+``N(0, sigma_b^2)`` on their count). That count is a second Gaussian query; the two together are
+accounted as one Gaussian of noise multiplier ``z = (z_data^-2 + (2 sigma_b)^-2)^(-1/2)`` (Andrew et
+al., Theorem 1), so ``z_data = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` and ``2 sigma_b > z`` is required.
+
+The noise here is floating point (torch's seeded normal): the usual central-DP practice. The exact
+integer samplers serve the distributed mechanism (:mod:`.distributed`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .accounting import Accountant, Schedule, check_delta, noise_for_epsilon
+
+
+@dataclass
+class RoundReport:
+    round: int
+    epsilon: float
+    clip: float
+    clipped_fraction: float
+    participants: int
+
+
+@dataclass
+class CentralDP:
+    """Server-side central DP for a run described by ``schedule``. Give either ``epsilon`` (the
+    noise multiplier is calibrated so that the whole schedule spends at most it at ``delta``) or
+    ``noise_multiplier``. ``epsilon=inf`` is the non-private run: updates pass unchanged."""
+
+    schedule: Schedule
+    delta: float = 1e-5
+    epsilon: float | None = None
+    noise_multiplier: float | None = None
+    clip: float = 1.0
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_stddev: float | None = None   # sigma_b; default per_round / 20 (Andrew et al.)
+    seed: int = 0
+    reports: list = field(default_factory=list)
+
+    def __post_init__(self):
+        check_delta(self.delta)
+        if not (self.clip > 0 and math.isfinite(self.clip)):
+            raise ValueError(f"clip must be finite and > 0, got {self.clip}")
+        if (self.epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("give exactly one of epsilon and noise_multiplier")
+        if self.epsilon is not None:
+            if not self.epsilon > 0:
+                raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+            self.private = math.isfinite(self.epsilon)
+            self.z = noise_for_epsilon(self.epsilon, delta=self.delta, schedule=self.schedule) if self.private else 0.0
+        else:
+            if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+                raise ValueError(f"noise_multiplier must be finite and > 0 (zero noise gives no privacy), "
+                                 f"got {self.noise_multiplier}")
+            self.private, self.z = True, float(self.noise_multiplier)
+        if not 0 < self.target_quantile < 1:
+            raise ValueError(f"target_quantile must be in (0, 1), got {self.target_quantile}")
+        if self.count_stddev is None:
+            self.count_stddev = self.schedule.per_round / 20
+        self.z_data = self.z
+        if self.private and self.adaptive:
+            if not 2 * self.count_stddev > self.z:
+                raise ValueError(f"adaptive clipping needs 2 sigma_b > z: 2 x {self.count_stddev:g} <= {self.z:.4g} "
+                                 f"(raise count_stddev or the epsilon)")
+            self.z_data = (self.z ** -2 - (2 * self.count_stddev) ** -2) ** -0.5
+        self.accountant = Accountant(self.schedule, self.z, self.delta) if self.private else None
+        self.rounds_done = 0
+
+    @property
+    def sensitivity_factor(self) -> float:
+        fixed = self.schedule.sampling == "fixed" and self.schedule.per_round < self.schedule.population
+        return 2.0 if fixed else 1.0
+
+    @property
+    def denominator(self) -> float:
+        return float(self.schedule.per_round)  # q N for Poisson sampling (= per_round), m for fixed size
+
+    def _gen(self, rnd: int, purpose: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + rnd) * 8 + purpose)
+
+    def aggregate(self, deltas: torch.Tensor, rnd: int) -> torch.Tensor:
+        """The private mean of the rows of ``deltas`` (``(n, d)``; ``n`` may be 0 under Poisson
+        sampling) for round ``rnd``; records the epsilon spent so far in :attr:`reports`."""
+        if not isinstance(deltas, torch.Tensor) or deltas.dim() != 2:
+            raise ValueError("deltas must be an (n, d) tensor")
+        if self.rounds_done >= self.schedule.rounds and self.private:
+            raise ValueError(f"round {rnd}: the schedule's {self.schedule.rounds} rounds are spent; the privacy "
+                             f"budget does not cover another")
+        if not self.private:
+            self.rounds_done += 1
+            self.reports.append(RoundReport(rnd, math.inf, self.clip, 0.0, deltas.shape[0]))
+            return deltas.mean(0)
+        x = deltas.to(torch.float64)
+        norms = torch.linalg.vector_norm(x, dim=1)
+        if not bool(torch.isfinite(norms).all()):
+            bad = int((~torch.isfinite(norms)).nonzero()[0])
+            raise ValueError(f"participant row {bad}: non-finite update cannot be clipped")
+        factor = torch.clamp(self.clip / torch.clamp(norms, min=1e-300), max=1.0)
+        total = (x * factor[:, None]).sum(0)
+        std = self.z_data * self.sensitivity_factor * self.clip
+        total += torch.randn(total.shape, generator=self._gen(rnd, 0), dtype=torch.float64) * std
+        unclipped = float((norms <= self.clip).sum())
+        clip_used = self.clip
+        if self.adaptive:  # Andrew et al.: geometric step toward the target quantile
+            noisy = (unclipped + float(torch.randn((), generator=self._gen(rnd, 1), dtype=torch.float64))
+                     * self.count_stddev) / self.denominator
+            self.clip = self.clip * math.exp(-self.clip_lr * (noisy - self.target_quantile))
+        self.rounds_done += 1
+        eps = self.accountant.step()
+        n = deltas.shape[0]
+        self.reports.append(RoundReport(rnd, eps, clip_used, 1 - unclipped / n if n else 0.0, n))
+        return (total / self.denominator).to(deltas.dtype)
+
+    @property
+    def epsilon_spent(self) -> float:
+        return self.reports[-1].epsilon if self.reports else 0.0
+
+
+def privatize_mean(deltas, dp: CentralDP, rnd: int) -> torch.Tensor:
+    """The hook a strategy calls in place of its mean (Flower: on the stacked client deltas
+    ``local - global`` of one round): clip, sum, noise, divide, account."""
+    return dp.aggregate(torch.as_tensor(deltas), rnd)
