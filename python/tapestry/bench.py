@@ -244,6 +244,22 @@ def with_backend(name: str, fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
+def one_thread(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with one thread in tapestry._C's kernels (per-core rates)."""
+    from . import _native
+
+    C = _native.require("_C")
+
+    def run():
+        before = C.cpu_features()["omp_max_threads"]
+        C.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            C.set_num_threads(before)
+    return run
+
+
 def _backends_for(device: str) -> list[str]:
     names = []
     for name in ops.BACKENDS:

@@ -20,20 +20,7 @@ import os
 import torch
 
 from .. import _native
-from ..bench import Case, Config
-
-
-def _one_thread(fn):
-    C = _native.require("_C")
-
-    def run():
-        before = C.cpu_features()["omp_max_threads"]
-        C.set_num_threads(1)
-        try:
-            return fn()
-        finally:
-            C.set_num_threads(before)
-    return run
+from ..bench import Case, Config, one_thread as _one_thread
 
 
 def cases(cfg: Config) -> list[Case]:

@@ -20,22 +20,9 @@ import numpy as np
 import torch
 
 from .. import _native, ops
-from ..bench import Case, Config, _backends_for, with_backend
+from ..bench import Case, Config, _backends_for, one_thread as _one_thread, with_backend
 
 K = 8
-
-
-def _one_thread(fn):
-    C = _native.require("_C")
-
-    def run():
-        before = C.cpu_features()["omp_max_threads"]
-        C.set_num_threads(1)
-        try:
-            return fn()
-        finally:
-            C.set_num_threads(before)
-    return run
 
 
 def cases(cfg: Config) -> list[Case]:
