@@ -119,16 +119,6 @@ def configs_from(args) -> list:
     return out
 
 
-def _check_out(path: str) -> None:
-    import tempfile
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"--out {path!r} cannot be written: {exc.strerror or exc}") from None
-
-
 def run(args) -> int:
     from ..distributed import launch
     from . import checkpoint
@@ -143,6 +133,8 @@ def run(args) -> int:
         raise ValueError(f"{world} ranks for --participants {args.participants}: every participant is one rank")
     rank = int(os.environ.get("RANK", "0")) if torchrun else 0
     if rank == 0:
+        from ..federated.cli import _check_out
+
         _check_out(args.out)
     if args.resume:
         for cfg in configs:  # refused here, before any rank starts
