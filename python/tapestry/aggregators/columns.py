@@ -63,3 +63,25 @@ class InMemory(Columns):
             yield start, min(start + step, self.d)
         if self.d == 0:
             yield 0, 0
+
+
+class Derived(Columns):
+    """Columns computed block by block from another source ``src`` (NNM's mixed updates, bucket
+    means, rescaled updates): the same columns and shards, ``reduce`` sums over ``src``'s shards.
+    ``max_block`` splits ``src``'s blocks so a read's temporaries stay bounded."""
+
+    max_block: int | None = None
+
+    def __init__(self, src: Columns, n: int):
+        self.src, self.n, self.d, self.device = src, n, src.d, src.device
+
+    def blocks(self) -> Iterator[tuple[int, int]]:
+        if self.max_block is None:
+            yield from self.src.blocks()
+            return
+        for a, b in self.src.blocks():
+            for start in range(a, b, self.max_block):
+                yield start, min(start + self.max_block, b)
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        return self.src.reduce(partial)

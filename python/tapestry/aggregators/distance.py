@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import AggregationInfo, Rule, apply, check_f, gram, indices, require
-from .columns import Columns
+from .columns import Columns, Derived
 
 
 @dataclass
@@ -194,7 +194,7 @@ class NNM(Rule):
         return agg, info
 
 
-class Mixed(Columns):
+class Mixed(Derived):
     """The NNM-mixed updates: row ``i`` is the mean of its neighbours' rows, ``(A @ X) / m`` for the
     0/1 neighbour matrix ``A`` (``m`` neighbours each), produced block by block in float64.
 
@@ -203,8 +203,10 @@ class Mixed(Columns):
     in, which changes at the edges of its tiles: any blocking or sharding of the columns gives the
     same bits. Rows of clients with non-finite values are NaN; the others never read those clients."""
 
+    max_block = 1 << 16  # bounded float64 temporaries
+
     def __init__(self, src: Columns, A: torch.Tensor, m: int, nonfinite: torch.Tensor):
-        self.src, self.n, self.d, self.device = src, src.n, src.d, src.device
+        super().__init__(src, src.n)
         good = ~nonfinite
         self._good = good.to(src.device)
         self._A = A[good][:, good].to(src.device)
@@ -215,14 +217,6 @@ class Mixed(Columns):
         Y = torch.full((self.n, stop - start), float("nan"), dtype=torch.float32, device=self.device)
         Y[self._good] = ((self._A @ block[self._good].to(torch.float64)) / self._m).to(torch.float32)
         return Y
-
-    def blocks(self):
-        for a, b in self.src.blocks():  # bounded float64 temporaries: split big blocks
-            for start in range(a, b, 1 << 16):
-                yield start, min(start + (1 << 16), b)
-
-    def reduce(self, partial):
-        return self.src.reduce(partial)
 
 
 def krum(updates, f: int, *, return_info: bool = False):

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from .base import AggregationInfo, Rule, _sub_chunks, check_f, indices, nonfinite_rows, require
-from .columns import Columns
+from .columns import Columns, Derived
 
 
 def _check_rule(rule, name: str) -> Rule:
@@ -34,11 +34,11 @@ def row_norms(src: Columns) -> torch.Tensor:
     return src.reduce(sq).cpu().sqrt()
 
 
-class Scaled(Columns):
+class Scaled(Derived):
     """``scale_i * x_i`` for every client, as float32."""
 
     def __init__(self, src: Columns, scale: torch.Tensor):
-        self.src, self.n, self.d, self.device = src, src.n, src.d, src.device
+        super().__init__(src, src.n)
         self._scale = scale.to(device=src.device, dtype=torch.float32)[:, None]
         self._trivial = bool((scale == 1).all())
 
@@ -46,21 +46,17 @@ class Scaled(Columns):
         block = self.src.read(start, stop)
         return block if self._trivial else block.to(torch.float32) * self._scale
 
-    def blocks(self):
-        return self.src.blocks()
 
-    def reduce(self, partial):
-        return self.src.reduce(partial)
-
-
-class Buckets(Columns):
+class Buckets(Derived):
     """The means of the buckets ``groups`` (lists of client indices) as float32: one float32
     matrix product ``A @ block`` per block (``A`` holds ``1/|bucket|``), as ByzFL's float32 means.
     Where a block holds a non-finite value (``0 * inf`` would spoil other buckets), those buckets
     are recomputed from their own members only."""
 
+    max_block = 1 << 16  # bounded temporaries
+
     def __init__(self, src: Columns, groups: list[list[int]]):
-        self.src, self.n, self.d, self.device = src, len(groups), src.d, src.device
+        super().__init__(src, len(groups))
         A = torch.zeros(len(groups), src.n, dtype=torch.float32)
         for b, g in enumerate(groups):
             A[b, g] = 1.0 / len(g)
@@ -74,14 +70,6 @@ class Buckets(Columns):
         for b in torch.nonzero(bad).flatten().tolist():
             out[b] = block.index_select(0, self._groups[b]).to(torch.float64).mean(0).to(torch.float32)
         return out
-
-    def blocks(self):
-        for a, b in self.src.blocks():  # bounded float64 temporaries: split big blocks
-            for start in range(a, b, 1 << 16):
-                yield start, min(start + (1 << 16), b)
-
-    def reduce(self, partial):
-        return self.src.reduce(partial)
 
 
 def _wrap(info: AggregationInfo, prefix: str, n: int, nonfinite: list[int]) -> AggregationInfo:
