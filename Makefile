@@ -6,12 +6,14 @@ STAMP  := $(VENV)/.deps-installed
 
 .PHONY: demo test bench build clean gpu-check fuzz
 
-$(STAMP): requirements-dev.txt pyproject.toml
+# Versions: constraints.txt (what CI tests); ranges: pyproject.toml. torch first, pinned: any other
+# route to it would fetch a multi-GB CUDA build.
+$(STAMP): constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps byzfl==0.0.11
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m pip install -q -c constraints.txt pybind11 setuptools wheel
+	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e ".[triton,flower,torchft,privacy,dev]"
+	$(PY) -m pip install -q -c constraints.txt --no-deps byzfl
 	touch $(STAMP)
 
 # Compiles tapestry._C (and tapestry._cuda where nvcc exists) in place; incremental.
@@ -22,6 +24,7 @@ demo: build
 	$(VENV)/bin/tapestry simulate --task digits --compare mean,trimmed_mean,median,krum,bulyan --attack signflip --byzantine 0.2 --out out/demo
 
 test: build
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 bench: build

@@ -67,12 +67,11 @@ def main(argv=None) -> int:
     nbytes = X.numel() * X.element_size()
     rows = []
 
-    dst = torch.empty_like(X)
-    t_copy = timed(lambda: dst.copy_(X), args.repeat)
-    del dst
-    dst_b = torch.empty_like(Xb)
-    t_copy_b = timed(lambda: dst_b.copy_(Xb), args.repeat)
-    del dst_b
+    def copy_time(src):  # the destination is freed on return
+        dst = torch.empty_like(src)
+        return timed(lambda: dst.copy_(src), args.repeat)
+
+    t_copy, t_copy_b = copy_time(X), copy_time(Xb)
     t_mm = timed(lambda: X @ X.T, args.repeat)
     copy_rate = nbytes / t_copy
     copy_rate_b = (nbytes // 2) / t_copy_b

@@ -89,22 +89,22 @@ def _quantize_int4_kernel(X, P, S, m, block, k0, k1, BLOCK: tl.constexpr, HALF: 
 
 
 @triton.jit
-def _dequantize_int8_kernel(Q, S, O, m, block, BLOCK: tl.constexpr):
+def _dequantize_int8_kernel(Q, S, Out, m, block, BLOCK: tl.constexpr):
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = j < m
     q = tl.load(Q + j, mask=inside, other=0).to(tl.float32)
     s = tl.load(S + j // block, mask=inside, other=0.0)
-    tl.store(O + j, q * s, mask=inside)
+    tl.store(Out + j, q * s, mask=inside)
 
 
 @triton.jit
-def _dequantize_int4_kernel(P, S, O, m, block, BLOCK: tl.constexpr):
+def _dequantize_int4_kernel(P, S, Out, m, block, BLOCK: tl.constexpr):
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = j < m
     byte = tl.load(P + j // 2, mask=inside, other=0).to(tl.int32)
     nib = tl.where(j % 2 == 0, byte & 15, byte >> 4)
     s = tl.load(S + j // block, mask=inside, other=0.0)
-    tl.store(O + j, (nib - 8).to(tl.float32) * s, mask=inside)
+    tl.store(Out + j, (nib - 8).to(tl.float32) * s, mask=inside)
 
 
 def _signed32(k: int) -> int:

@@ -17,7 +17,6 @@ import pickle
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 

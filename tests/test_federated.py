@@ -123,14 +123,10 @@ def test_unknown_names_list_the_valid_ones(field, value, valid):
 
 
 def test_unknown_codec_lists_the_valid_ones():
-    from tapestry.federated import hooks
+    from tapestry.compression import CODECS
 
-    valid = hooks.codecs()
-    with pytest.raises(ValueError, match="codec 'zip'"):
+    with pytest.raises(ValueError, match="unknown codec 'zip'; valid: " + ", ".join(CODECS)):
         validate(Config(codec="zip"))
-    if valid:
-        with pytest.raises(ValueError, match="valid: " + ", ".join(valid)):
-            validate(Config(codec="zip"))
 
 
 @pytest.mark.parametrize("rule,byz,needs", [
@@ -219,11 +215,6 @@ def test_nan_senders_make_fedavg_nonfinite(digits):
 
 
 def test_int8_with_error_feedback_tracks_dense(digits):
-    pytest.importorskip("tapestry.compression", reason="compression not in this build")
-    from tapestry.federated import hooks
-
-    if "int8" not in hooks.codecs():
-        pytest.fail("tapestry.compression exists but offers no int8 codec")
     dense = simulate(Config(rule="mean", **SMALL), task=digits)
     int8 = simulate(Config(rule="mean", codec="int8", **SMALL), task=digits)
     assert abs(int8.final_accuracy - dense.final_accuracy) <= 0.01
@@ -236,7 +227,7 @@ def test_int8_with_error_feedback_tracks_dense(digits):
 
 
 def test_secure_sum_matches_fedavg(digits):
-    secure = pytest.importorskip("tapestry.secure")
+    from tapestry import secure
     if not hasattr(secure, "secure_sum"):
         pytest.fail("tapestry.secure exists but has no secure_sum")
     cfg = dict(rule="mean", rounds=3)

@@ -11,9 +11,6 @@ import uuid
 
 import numpy as np
 import pytest
-
-flwr = pytest.importorskip("flwr", reason="flwr is in requirements-dev.txt")
-
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
@@ -144,7 +141,7 @@ def test_bad_rule_names_list_the_valid_ones():
 
 
 def test_compressed_replies_equal_dense_aggregation_of_their_decodings():
-    comp = pytest.importorskip("tapestry.compression")
+    from tapestry import compression as comp
     glob = ArrayRecord({k: Array(v) for k, v in _arrays(1, 9)[0].items()})
     locals_ = _arrays(7, 4)
     packed = [compress_update(ArrayRecord({k: Array(v) for k, v in u.items()}), glob, comp.Compressor("int8", seed=i))
@@ -243,8 +240,6 @@ def _regression_app(attacker: int | None, codec: str | None):
 
 @pytest.mark.parametrize("codec", [None, "int8"])
 def test_rounds_end_to_end_in_flowers_loop(codec):
-    if codec is not None:
-        pytest.importorskip("tapestry.compression")
     initial = ArrayRecord({"w": Array(np.zeros(8, np.float32))})
     app, error = _regression_app(attacker=None, codec=codec)
     strategy = TapestryStrategy("median", fraction_evaluate=0.0, min_available_nodes=6)

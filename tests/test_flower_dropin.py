@@ -10,10 +10,8 @@ import logging
 import numpy as np
 import pytest
 
-flwr = pytest.importorskip("flwr", reason="flwr is in requirements-dev.txt")
-
 import torch  # noqa: E402
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum  # noqa: E402
 from test_flower import LocalGrid, _regression_app, _replies, server_identity  # noqa: E402,F401 (a fixture)

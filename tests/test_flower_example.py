@@ -7,10 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("flwr", reason="flwr is in requirements-dev.txt")
-pytest.importorskip("sklearn", reason="the digits data ships with scikit-learn")
-
 from flwr.app import Context, RecordDict  # noqa: E402
 from test_flower import LocalGrid, server_identity  # noqa: E402,F401 (a fixture)
 

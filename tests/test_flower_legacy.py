@@ -8,9 +8,6 @@ import json
 
 import numpy as np
 import pytest
-
-flwr = pytest.importorskip("flwr", reason="flwr is in requirements-dev.txt")
-
 from flwr.app import ArrayRecord  # noqa: E402
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
 from flwr.server import strategy as legacy  # noqa: E402

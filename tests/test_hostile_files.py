@@ -3,7 +3,6 @@ memory, no hangs, no signals, no temporary files left behind."""
 
 import json
 import os
-import resource
 import signal
 import struct
 import subprocess
@@ -11,7 +10,6 @@ import sys
 import threading
 import time
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -20,7 +18,6 @@ from hostile import MiB, ROOT, peak_growth
 from tapestry.cli import main
 from tapestry.compression import encode
 from tapestry.distributed.formats import InputError, open_input
-from tapestry.distributed.stream import Job, run_job
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"), ROOT]))
 

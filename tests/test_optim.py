@@ -74,7 +74,6 @@ def _local_grid(app, nodes: int):
 def _flower_run(strategy, initial: dict, nodes: int, codec: str | None = None) -> list[dict]:
     """The global models after each of ROUNDS rounds of ``strategy.start`` (replies: global + noise,
     compressed by tapestry with ``codec``)."""
-    flwr = pytest.importorskip("flwr", reason="flwr is in requirements-dev.txt")  # noqa: F841
     from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
@@ -152,7 +151,6 @@ FLOWER_CASES = [
 
 @pytest.mark.parametrize("name,hparams,flower_name,flower_kwargs", FLOWER_CASES)
 def test_equals_flowers_strategy_over_five_rounds(name, hparams, flower_name, flower_kwargs, monkeypatch):
-    pytest.importorskip("flwr")
     import flwr.serverapp.strategy as fs
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -381,7 +379,6 @@ STRATEGY_CASES = [("fedadam", "FedAdam", {}), (("fedyogi", {"eta": 0.05}), "FedY
 
 @pytest.mark.parametrize("spec,flower_name,flower_kwargs", STRATEGY_CASES)
 def test_tapestry_strategy_with_server_optimizer_is_flowers(spec, flower_name, flower_kwargs, monkeypatch):
-    pytest.importorskip("flwr")
     import flwr.serverapp.strategy as fs
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -401,7 +398,6 @@ def test_tapestry_strategy_with_server_optimizer_is_flowers(spec, flower_name, f
 
 def test_tapestry_strategy_robust_rule_with_nesterov(monkeypatch):
     """Median of the deltas, then DiLoCo's outer step, against the same computed by hand."""
-    pytest.importorskip("flwr")
     from flwr.supercore.task_identity import TaskIdentity
 
     from tapestry.integrations.flower import TapestryStrategy
@@ -427,8 +423,6 @@ def test_tapestry_strategy_robust_rule_with_nesterov(monkeypatch):
 
 
 def test_tapestry_strategy_compressed_replies_reach_the_server_optimizer(monkeypatch):
-    pytest.importorskip("flwr")
-    pytest.importorskip("tapestry.compression")
     from flwr.supercore.task_identity import TaskIdentity
 
     from tapestry.integrations.flower import TapestryStrategy
@@ -449,7 +443,6 @@ def test_tapestry_strategy_compressed_replies_reach_the_server_optimizer(monkeyp
 
 
 def test_tapestry_strategy_refuses_bad_server_optimizers():
-    pytest.importorskip("flwr")
     from tapestry.integrations.flower import TapestryStrategy
 
     with pytest.raises(ValueError, match="unknown server optimizer 'adam'"):

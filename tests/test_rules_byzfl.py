@@ -4,7 +4,6 @@ randomises (CAF, SMEA: one power iteration from a random vector) or has no such 
 FLTrust). Inputs are float32 with ties (duplicated clients); results agree to 1e-5 of the largest
 input value. ByzFL gets the same values as float64 NumPy arrays (see tests/byzfl_oracle.py)."""
 
-import itertools
 
 import numpy as np
 import pytest

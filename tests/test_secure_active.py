@@ -42,8 +42,8 @@ def _request(v, survivors, dropped, u3=(), sig_ids=(), sigs=()):
 
 def _collect(resp, got_b, got_s, holder):
     f = parse(resp).fields
-    got_b.update({holder + 1: s for u, s in zip(f["self_ids"], f["self_shares"]) if u == VICTIM})
-    got_s.update({holder + 1: s for u, s in zip(f["pair_ids"], f["pair_shares"]) if u == VICTIM})
+    for ids, shares, got in ((f["self_ids"], f["self_shares"], got_b), (f["pair_ids"], f["pair_shares"], got_s)):
+        got.update((holder + 1, s) for u, s in zip(ids, shares) if u == VICTIM)
 
 
 def _corrupt_hands_over(clients, got_b, got_s):

@@ -185,8 +185,8 @@ def test_server_splitting_requests_cannot_get_both_secrets():
         with pytest.raises(ProtocolError, match="unexpected"):
             c.unmask(flipped)  # a second request (to flip the answer) is refused
         f = resp.fields
-        b_shares.update({c.id + 1: s for u, s in zip(f["self_ids"], f["self_shares"]) if u == 0})
-        s_shares.update({c.id + 1: s for u, s in zip(f["pair_ids"], f["pair_shares"]) if u == 0})
+        b_shares.update((c.id + 1, s) for u, s in zip(f["self_ids"], f["self_shares"]) if u == 0)
+        s_shares.update((c.id + 1, s) for u, s in zip(f["pair_ids"], f["pair_shares"]) if u == 0)
     assert len(b_shares) + len(s_shares) <= n
     assert min(len(b_shares), len(s_shares)) < t
     assert shamir.combine(b_shares, t) == clients[0].b  # the other secret stays out of reach

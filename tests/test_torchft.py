@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 import torch
 
-pytest.importorskip("torchft")
+import torchft  # noqa: F401  (a test dependency: fail loudly when missing)
 
 import torch.distributed as dist  # noqa: E402
 from torch.distributed import ReduceOp  # noqa: E402

@@ -16,7 +16,7 @@ import argparse
 import importlib.util
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["int_in", "float_in", "size_in", "parse_size", "require_modules", "MissingDependency"]
 

@@ -14,7 +14,7 @@ Per-coordinate ops are independent per coordinate, so any blocking gives bit-ide
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -40,7 +40,7 @@ class GeometricMedian(Rule):
         b = w / w.sum()
         z, backend = apply("weighted_mean", src, b)
         it = 0
-        for it in range(1, self.max_iter + 1):
+        for it in range(1, self.max_iter + 1):  # noqa: B007  (the count goes into info)
             dist = sq_distances_to(src, z).sqrt()
             b = w / dist.clamp(min=self.nu)
             b[bad] = 0

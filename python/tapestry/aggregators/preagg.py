@@ -11,7 +11,7 @@ non-finite update, and ``info.nonfinite`` names the original clients.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

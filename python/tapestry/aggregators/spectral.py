@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import CHUNK, AggregationInfo, Rule, apply, check_f, gram, indices, require
+from .base import CHUNK, AggregationInfo, Rule, apply, check_f, gram, require
 from .columns import Columns
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import inspect
 import threading
 from math import gcd
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 
@@ -97,13 +98,13 @@ class Compressed(Columns):
         codec, block = kinds.pop()
         if codec not in FUSED_CODECS:
             return None
+        qs, scales = [p.values for p in self.payloads], [p.scales for p in self.payloads]
         try:
-            name, fn = ops.resolve(op + "_quantized", self.device)
+            name, fn = ops.resolve(op + "_quantized", self.device, (qs, scales, codec, block, self.d))
         except ops.BackendError:
             return None
         if name == "reference":
             return None
-        qs, scales = [p.values for p in self.payloads], [p.scales for p in self.payloads]
         return lambda *args: (fn(qs, scales, codec, block, self.d, *args), name)
 
     def blocks(self) -> Iterator[tuple[int, int]]:

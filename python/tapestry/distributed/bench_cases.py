@@ -95,7 +95,7 @@ def rows(cfg) -> list:
     base_ms = statistics.median(m[3] for m in measured) * 1e3
     out = [Row("collective", "dist.all_reduce+divide", "gloo", "float32", base_ms, nbytes / base_ms / 1e6, None, None,
                notes={"bytes_sent": int(ring), "bytes_vs_ring": 1.0, "ranks": WORLD, "d": d})]
-    for name, codec, tf, tb, ratio, sent in measured:
+    for name, codec, tf, _tb, ratio, sent in measured:
         ms = tf * 1e3
         out.append(Row("collective", f"all_reduce {name}", "gloo", codec or "float32", ms, nbytes / ms / 1e6,
                        "dist.all_reduce+divide", ratio,

@@ -23,7 +23,7 @@ import resource
 import stat
 import threading
 from collections import OrderedDict
-from typing import Iterator
+from collections.abc import Iterator
 
 
 class InputError(ValueError):

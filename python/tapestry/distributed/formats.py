@@ -37,10 +37,11 @@ import struct
 import zipfile
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
+from ..compression.wire import MAGIC as PAYLOAD_MAGIC
 from ..updates import KERNEL_DTYPES
 from .files import InputError, JSONWalker, PreadFile, check_key_text, json_object_items, open_regular, skip_string_map
 
@@ -375,18 +376,9 @@ def open_input(path: str):
         os.close(fd)
     if magic[:4] == b"PK\x03\x04":  # torch.save's zip archive
         return TorchFile(path)
-    payload_magic = _compression_magic()
-    if payload_magic and magic.startswith(payload_magic):
+    if magic.startswith(PAYLOAD_MAGIC):
         return PayloadFile(path)
     return SafetensorsFile(path)
-
-
-def _compression_magic() -> bytes | None:
-    try:
-        from ..compression.wire import MAGIC
-    except ImportError:  # a build without tapestry.compression
-        return None
-    return MAGIC
 
 
 @dataclass(frozen=True)

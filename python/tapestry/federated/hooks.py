@@ -12,40 +12,16 @@ masked (tapestry.secure). The loop calls :meth:`Transport.aggregate` once per ro
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-
-def _module(name: str):
-    """tapestry.compression / tapestry.secure, or None while that part is not in this build."""
-    try:
-        mod = importlib.import_module(f"tapestry.{name}")
-    except ImportError:
-        return None
-    return mod
-
-
-def codecs() -> list[str]:
-    """Codec names the loop accepts (empty while tapestry.compression is not in this build)."""
-    comp = _module("compression")
-    names = getattr(comp, "CODECS", None) if comp else None
-    return list(names) if names else []
+from .. import compression, secure
 
 
 def check(config) -> None:
     """Refuse a codec or secure setting that cannot run, listing what can."""
-    if config.codec not in (None, "none"):
-        valid = codecs()
-        if not valid:
-            raise ValueError(f"codec {config.codec!r}: tapestry.compression is not available in this build "
-                             f"(use no codec)")
-        if config.codec not in valid:
-            raise ValueError(f"unknown codec {config.codec!r}; valid: {', '.join(valid)}")
+    if config.codec not in (None, "none") and config.codec not in compression.CODECS:
+        raise ValueError(f"unknown codec {config.codec!r}; valid: {', '.join(compression.CODECS)}")
     if config.secure:
-        sec = _module("secure")
-        if sec is None or not hasattr(sec, "secure_sum"):
-            raise ValueError("--secure: tapestry.secure is not available in this build")
         if config.rule != "mean":
             raise ValueError(f"--secure reveals only the sum of the updates, so it works with rule 'mean' "
                              f"(FedAvg), not {config.rule!r}")
@@ -69,7 +45,7 @@ def check_dp(config) -> None:
     if config.rule != "mean":
         raise ValueError(f"--dp {config.dp} privatizes the mean (FedAvg), not rule {config.rule!r}")
     if config.codec not in (None, "none"):
-        raise ValueError(f"--dp and --codec cannot be combined")
+        raise ValueError("--dp and --codec cannot be combined")
     if config.dp == "distributed" and config.dp_sampling != "fixed":
         raise ValueError("--dp distributed sizes each client's noise share for a known number of clients: "
                          "use --dp-sampling fixed")
@@ -169,7 +145,6 @@ class Transport:
 
     # -- compression --------------------------------------------------------------------------
     def _compressed(self, rule, deltas, clients, byzantine, rnd):
-        comp = _module("compression")
         payloads, forged = [], {}
         for row, c in enumerate(clients):
             if not bool(torch.isfinite(deltas[row]).all()):
@@ -179,16 +154,16 @@ class Transport:
                 forged[row] = deltas[row]
                 continue
             if c in byzantine:  # attackers send their crafted update as it is, no error feedback
-                payloads.append(comp.encode(deltas[row], self.codec, seed=self._seed(rnd, c)))
+                payloads.append(compression.encode(deltas[row], self.codec, seed=self._seed(rnd, c)))
                 continue
             if c not in self._compressors:
-                self._compressors[c] = comp.Compressor(self.codec, seed=self._seed(0, c))
+                self._compressors[c] = compression.Compressor(self.codec, seed=self._seed(0, c))
             payloads.append(self._compressors[c].encode(deltas[row]))
         if not forged:  # the fused path: no dense (n, d) copy of the decoded updates
-            return torch.as_tensor(comp.aggregate(payloads, rule)).reshape(-1).float()
+            return torch.as_tensor(compression.aggregate(payloads, rule)).reshape(-1).float()
         if not payloads:
             return rule(torch.stack([forged[i] for i in range(len(clients))])).reshape(-1).float()
-        decoded = iter(torch.as_tensor(comp.decode(p)).reshape(-1).float() for p in payloads)
+        decoded = iter(torch.as_tensor(compression.decode(p)).reshape(-1).float() for p in payloads)
         rows = [forged[i] if i in forged else next(decoded) for i in range(len(clients))]
         return rule(torch.stack(rows)).reshape(-1).float()
 
@@ -197,9 +172,8 @@ class Transport:
 
     # -- secure sum ---------------------------------------------------------------------------
     def _secure(self, deltas, clients, dropped, rnd):
-        sec = _module("secure")
         drop_rows = [i for i, c in enumerate(clients) if c in dropped]
         # clip: per-coordinate range of the fixed-point encoding (deltas beyond it are clipped).
-        total, info = sec.secure_sum(deltas, dropouts=drop_rows, seed=self._seed(rnd, 0),
+        total, info = secure.secure_sum(deltas, dropouts=drop_rows, seed=self._seed(rnd, 0),
                                      clip=self.config.extra.get("secure_clip", 8.0), return_info=True)
         return torch.as_tensor(total).reshape(-1).float() / len(info.survivors)

@@ -23,7 +23,7 @@ import inspect
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters

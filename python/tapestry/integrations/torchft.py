@@ -61,9 +61,9 @@ try:
 except importlib.metadata.PackageNotFoundError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"tapestry.integrations.torchft needs the torchft package (pip install 'torchft{SUPPORTED}')") from exc
 
-from ..aggregators import Rule, make_rule
-from ..aggregators.base import AggregationInfo
-from ..distributed.allreduce import all_reduce as _all_reduce
+from ..aggregators import Rule, make_rule  # noqa: E402  (after the torchft version check)
+from ..aggregators.base import AggregationInfo  # noqa: E402  (after the torchft version check)
+from ..distributed.allreduce import all_reduce as _all_reduce  # noqa: E402  (after the torchft version check)
 
 logger = logging.getLogger(__name__)
 

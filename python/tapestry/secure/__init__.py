@@ -11,7 +11,9 @@ from .crypto import ProtocolError
 from .fixedpoint import FixedPoint, clip_norm
 from .messages import Message, parse
 from .prg import NONCE_MASK, chacha20_keystream, chacha20_mask
-from .protocol import Client, Server, check_parameters
+from .client import Client
+from .protocol import check_parameters
+from .server import Server
 from .simulate import RoundInfo, secure_sum, simulate_round
 
 __all__ = ["ProtocolError", "FixedPoint", "clip_norm", "Message", "parse", "NONCE_MASK", "chacha20_keystream",

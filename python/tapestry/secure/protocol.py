@@ -88,8 +88,3 @@ def ring_view(bits: int, d: int, data, who: str) -> np.ndarray:
     if memoryview(data).nbytes != d * dtype.itemsize:
         raise ProtocolError(f"{who}: masked input has {memoryview(data).nbytes} bytes, expected {d} x {dtype.itemsize}")
     return np.frombuffer(data, dtype=dtype).astype(RING_DTYPES[bits], copy=False)
-
-
-
-from .client import Client  # noqa: E402  (re-exported: the public names stay where they were)
-from .server import Server  # noqa: E402

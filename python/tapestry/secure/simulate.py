@@ -13,7 +13,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .crypto import ProtocolError, identity_public
 from .fixedpoint import FixedPoint, clip_norm
-from .protocol import Client, Server, check_parameters
+from .client import Client
+from .protocol import check_parameters
+from .server import Server
 
 STAGES = ("advertise", "share", "mask", "unmask")  # a dropout at stage S sends nothing from S on
 PHASES = ("advertise", "share", "mask", "consistency", "unmask")  # what ``intercept`` sees

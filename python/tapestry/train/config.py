@@ -78,7 +78,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, doc: dict) -> "TrainConfig":
+    def from_dict(cls, doc: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in doc.items() if k in names})
 
