@@ -1,9 +1,7 @@
 """The cpu backend's robust-aggregation kernels (csrc/cpu/select.cpp, gram.cpp, mean.cpp) against
 the reference evaluated in float64.
 
-Tolerance (SPEC.md, "Numerics"): per coordinate, ``1e-6`` of the coordinate's value range, plus
-the float32 rounding of the result itself (one unit in the last place), which no float32 output
-can avoid when the values share a component much larger than their range.
+Tolerance: tests/checks.py (one policy for every kernel and rule test).
 """
 
 from __future__ import annotations
@@ -14,9 +12,9 @@ import torch
 import tapestry as tp
 from tapestry import _native, ops, reference
 from tapestry.backends import cpu
+from checks import DTYPES, assert_close, assert_distances, direct_distances, distances
 
 C = _native.require("_C")  # the cpu backend is built by `make test`: its absence is a failure
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NS = [1, 2, 3, 5, 8, 17, 32, 33, 64, 100]
 DS = [1, 7, 1000, 4099]
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
@@ -55,25 +53,6 @@ def poison(X: torch.Tensor, rows: int, seed: int = 1) -> torch.Tensor:
     return X
 
 
-def assert_coordinatewise(got: torch.Tensor, X: torch.Tensor, want64: torch.Tensor, what: str) -> None:
-    """``got`` (float32) within 1e-6 of each coordinate's finite value range of ``X``, plus one
-    float32 ulp of the result; NaN/Inf must match exactly. Prints the first mismatches."""
-    assert got.dtype == torch.float32 and got.shape == want64.shape, (what, got.dtype, got.shape, want64.shape)
-    X64 = X.to(torch.float64)
-    fin = torch.isfinite(X64)
-    hi = torch.where(fin, X64, torch.full_like(X64, -float("inf"))).amax(0)
-    lo = torch.where(fin, X64, torch.full_like(X64, float("inf"))).amin(0)
-    span = torch.where(fin.any(0), hi - lo, torch.zeros_like(hi))
-    g64 = got.to(torch.float64)
-    tol = 1e-6 * span + 2.0**-23 * want64.abs() + 1e-45
-    both_nonfinite = ~torch.isfinite(want64) & ((g64 == want64) | (g64.isnan() & want64.isnan()))
-    ok = ((g64 - want64).abs() <= tol) | both_nonfinite
-    if not bool(ok.all()):
-        bad = torch.nonzero(~ok).flatten()[:5].tolist()
-        detail = ", ".join(f"[{j}] got {got[j].item()!r} want {want64[j].item()!r} tol {tol[j].item():.3g}" for j in bad)
-        raise AssertionError(f"{what}: {int((~ok).sum())} of {ok.numel()} coordinates off: {detail}")
-
-
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality (NaN payloads included)."""
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
@@ -98,15 +77,14 @@ def test_coordinate_ops_match_reference(n, dtype):
         for kind in ("normal", "ties", "common"):
             X = data(n, d, dtype, seed=n * 31 + d, kind=kind)
             for f in trims(n):
-                assert_coordinatewise(cpu.trimmed_mean(X, f), X, ref64("trimmed_mean", X, f), f"trimmed n={n} d={d} f={f} {kind}")
-            assert_coordinatewise(cpu.coord_median(X), X, ref64("coord_median", X), f"median n={n} d={d} {kind}")
+                assert_close(cpu.trimmed_mean(X, f), ref64("trimmed_mean", X, f), X, what=f"trimmed n={n} d={d} f={f} {kind}")
+            assert_close(cpu.coord_median(X), ref64("coord_median", X), X, what=f"median n={n} d={d} {kind}")
             w = torch.rand(n, generator=_gen(d), dtype=torch.float64)
-            assert_coordinatewise(cpu.weighted_mean(X, w), X, ref64("weighted_mean", X, w), f"wmean n={n} d={d} {kind}")
+            assert_close(cpu.weighted_mean(X, w), ref64("weighted_mean", X, w), X, what=f"wmean n={n} d={d} {kind}")
             m = max(1, n - 2 * (n // 4))
             rows = torch.randperm(n, generator=_gen(n + d))[:m].sort().values
             for k in sorted({1, max(1, m - 2 * (n // 4)), m}):
-                assert_coordinatewise(cpu.mean_around_median(X, rows, k), X.index_select(0, rows),
-                                      ref64("mean_around_median", X, rows, k), f"around median n={n} m={m} k={k} d={d} {kind}")
+                assert_close(cpu.mean_around_median(X, rows, k), ref64("mean_around_median", X, rows, k), X.index_select(0, rows), what=f"around median n={n} m={m} k={k} d={d} {kind}")
 
 
 @pytest.mark.parametrize("n,dtype", [(3, torch.float32), (5, torch.bfloat16), (4, torch.float16)], ids=str)
@@ -114,10 +92,10 @@ def test_large_d(n, dtype):
     d = 1_000_003
     X = data(n, d, dtype, seed=7)
     f = (n - 1) // 4
-    assert_coordinatewise(cpu.trimmed_mean(X, f), X, ref64("trimmed_mean", X, f), f"trimmed n={n} d={d}")
-    assert_coordinatewise(cpu.coord_median(X), X, ref64("coord_median", X), f"median n={n} d={d}")
+    assert_close(cpu.trimmed_mean(X, f), ref64("trimmed_mean", X, f), X, what=f"trimmed n={n} d={d}")
+    assert_close(cpu.coord_median(X), ref64("coord_median", X), X, what=f"median n={n} d={d}")
     w = torch.rand(n, generator=_gen(1), dtype=torch.float64)
-    assert_coordinatewise(cpu.weighted_mean(X, w), X, ref64("weighted_mean", X, w), f"wmean n={n} d={d}")
+    assert_close(cpu.weighted_mean(X, w), ref64("weighted_mean", X, w), X, what=f"wmean n={n} d={d}")
 
 
 def test_float16_subnormals_and_signed_zeros():
@@ -125,8 +103,8 @@ def test_float16_subnormals_and_signed_zeros():
         X = data(n, 1000, torch.float16, seed=n, kind="tiny")
         assert bool((X != 0).any()) and bool((X.abs() < 6.1e-5).any())  # subnormals present
         for f in trims(n):
-            assert_coordinatewise(cpu.trimmed_mean(X, f), X, ref64("trimmed_mean", X, f), f"fp16 tiny n={n} f={f}")
-        assert_coordinatewise(cpu.coord_median(X), X, ref64("coord_median", X), f"fp16 tiny median n={n}")
+            assert_close(cpu.trimmed_mean(X, f), ref64("trimmed_mean", X, f), X, what=f"fp16 tiny n={n} f={f}")
+        assert_close(cpu.coord_median(X), ref64("coord_median", X), X, what=f"fp16 tiny median n={n}")
 
 
 def test_even_median_is_mean_of_middle_values():
@@ -141,14 +119,14 @@ def test_nonfinite_in_up_to_f_rows_never_reach_the_output(n, f, dtype):
     X = poison(data(n, 1000, dtype, seed=n), f, seed=f)
     got = cpu.trimmed_mean(X, f)
     assert bool(torch.isfinite(got).all())
-    assert_coordinatewise(got, X, ref64("trimmed_mean", X, f), f"trimmed with {f} poisoned rows")
+    assert_close(got, ref64("trimmed_mean", X, f), X, what=f"trimmed with {f} poisoned rows")
     if 2 * f < n:  # median: finite while the non-finite values are a minority on each side
         med = cpu.coord_median(X)
         assert bool(torch.isfinite(med).all())
-        assert_coordinatewise(med, X, ref64("coord_median", X), f"median with {f} poisoned rows")
+        assert_close(med, ref64("coord_median", X), X, what=f"median with {f} poisoned rows")
     k = n - 2 * f
     got = cpu.mean_around_median(X, torch.arange(n), k)
-    assert_coordinatewise(got, X, ref64("mean_around_median", X, torch.arange(n), k), "around median, poisoned")
+    assert_close(got, ref64("mean_around_median", X, torch.arange(n), k), X, what="around median, poisoned")
 
 
 def test_nan_ranks_above_inf():
@@ -167,7 +145,7 @@ def test_weighted_mean_never_reads_zero_weight_rows():
     w = torch.tensor([0.1, 0.2, 0.0, 0.3, 0.0, 0.4], dtype=torch.float64)
     got = cpu.weighted_mean(X, w)
     assert bool(torch.isfinite(got).all())
-    assert_coordinatewise(got, X, ref64("weighted_mean", X, w), "wmean skipping rows")
+    assert_close(got, ref64("weighted_mean", X, w), X, what="wmean skipping rows")
     w2 = w.clone()
     w2[4] = 0.5
     assert bool(torch.isinf(cpu.weighted_mean(X, w2)[::2]).all())  # a weighted non-finite row does propagate
@@ -175,30 +153,6 @@ def test_weighted_mean_never_reads_zero_weight_rows():
 
 # ---------------------------------------------------------------------------------------------
 # gram
-
-
-def direct_sq_distances(X: torch.Tensor) -> torch.Tensor:
-    X64 = X.to(torch.float64)
-    return torch.cdist(X64, X64, compute_mode="donot_use_mm_for_euclid_dist") ** 2
-
-
-def assert_distances(G: torch.Tensor, X: torch.Tensor, what: str, rtol: float = 1e-4) -> None:
-    """``D`` from ``G`` against the float64 direct computation: relative ``rtol`` per entry, or,
-    for pairs far closer than their rows are to the mean (where any float32 Gram method cancels),
-    ``1e-6`` of ``|x_a - mean|^2 + |x_b - mean|^2``."""
-    X64 = X.to(torch.float64)
-    D, D0 = distances(G), direct_sq_distances(X)
-    r = ((X64 - X64.mean(0)) ** 2).sum(1)
-    tol = torch.maximum(rtol * D0, 1e-6 * (r[:, None] + r[None, :]))
-    bad = (D - D0).abs() > tol
-    if bool(bad.any()):
-        a, b = torch.nonzero(bad)[0].tolist()
-        raise AssertionError(f"{what}: D[{a},{b}] = {D[a, b].item()!r}, direct {D0[a, b].item()!r}, tol {tol[a, b].item():.3g}")
-
-
-def distances(G: torch.Tensor) -> torch.Tensor:
-    g = G.diagonal()
-    return g[:, None] + g[None, :] - 2 * G
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -217,7 +171,7 @@ def test_gram_common_component_relative_accuracy():
     """SPEC.md: relative 1e-4 per distance with a common component 1e3 times the spread."""
     for n, d in ((5, 1), (32, 7), (17, 1000), (33, 100_003)):
         X = data(n, d, seed=d, kind="common")
-        D, D0 = distances(cpu.gram(X)), direct_sq_distances(X)
+        D, D0 = distances(cpu.gram(X)), direct_distances(X)
         off = ~torch.eye(n, dtype=torch.bool)
         err = ((D - D0).abs()[off] / D0[off]).max().item() if n > 1 else 0.0
         assert err <= 1e-4, f"n={n} d={d}: relative distance error {err:.3g}"
@@ -227,7 +181,7 @@ def test_gram_with_one_far_row_keeps_close_rows_accurate():
     # the first row (the kernel's first shift) is 1e4 spreads away from tightly clustered others
     X = data(9, 1000, seed=5, kind="common")
     X[0] += 1e2
-    D, D0 = distances(cpu.gram(X)), direct_sq_distances(X)
+    D, D0 = distances(cpu.gram(X)), direct_distances(X)
     err = ((D - D0).abs()[1:, 1:] / D0[1:, 1:].clamp(min=1e-30)).masked_fill(torch.eye(8, dtype=torch.bool), 0).max()
     assert err.item() <= 1e-4, err.item()
 
@@ -376,7 +330,7 @@ def test_rules_cpu_vs_reference(n, f, kind):
         assert info.selected == info0.selected, f"{name}: cpu selected {info.selected}, reference {info0.selected}"
         assert info.nonfinite == info0.nonfinite, name
         assert bool(torch.isfinite(agg).all()), name
-        assert_coordinatewise(agg, X, agg0.to(torch.float64), f"rule {name}")
+        assert_close(agg, agg0.to(torch.float64), X, what=f"rule {name}")
 
 
 def test_bench_memory_measurement_sees_temporaries_and_kernels_add_none():

@@ -11,52 +11,12 @@ import torch
 
 import tapestry as tp
 from tapestry import ops, reference
+from checks import DEVICE, DTYPES, assert_close, direct_distances, distances, make
 
-triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from tapestry_kernels import gram as tgram  # noqa: E402
 from tapestry_kernels import mean as tmean  # noqa: E402
 from tapestry_kernels import select as tselect  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def make(n, d, *, seed=0, dtype=torch.float32, common=0.0, ties=True, nonfinite=0, device=DEVICE):
-    """(n, d) updates: normal noise around a common component, a few columns with heavy ties,
-    and ``nonfinite`` clients holding NaN / +Inf / -Inf in the first columns."""
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g, dtype=torch.float64) + common * torch.randn(1, d, generator=g, dtype=torch.float64)
-    if ties and d >= 3:
-        X[:, 0] = 1.0
-        X[:, 1] = torch.randint(0, 3, (n,), generator=g).to(torch.float64)
-    specials = [float("nan"), float("inf"), -float("inf")]
-    for i in range(nonfinite):
-        X[i, (i % max(d, 1)) :: max(1, d // 3 or 1)] = specials[i % 3]
-    return X.to(dtype).to(device)
-
-
-def assert_close(actual, expected, X, rel=1e-6, what=""):
-    """SPEC.md's tolerance: per coordinate, ``rel`` of the coordinate's finite value range, plus
-    the half ulp of rounding the exact result to float32. Non-finite expectations must match
-    exactly (NaN for NaN, the same infinity). The first mismatches are printed."""
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    Xd = X.detach().double().cpu()
-    fin = torch.isfinite(Xd)
-    hi = torch.where(fin, Xd, -float("inf")).amax(0)
-    lo = torch.where(fin, Xd, float("inf")).amin(0)
-    rng = torch.where(fin.any(0), hi - lo, torch.zeros_like(hi))
-    nan_e, nan_a = torch.isnan(expected), torch.isnan(actual)
-    inf_mismatch = torch.isinf(expected) & (actual != expected)
-    err = (actual - expected).abs() - expected.abs() * 2.0**-24
-    bad = (nan_e != nan_a) | inf_mismatch | (torch.isfinite(expected) & ~(err <= rel * rng))
-    if bool(bad.any()):
-        idx = torch.nonzero(bad).flatten()[:5].tolist()
-        rows = ", ".join(f"[{j}] got {actual[j].item()!r} want {expected[j].item()!r} (range {rng[j].item():.3g})" for j in idx)
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} coordinates off: {rows}")
-
 
 # ---------------------------------------------------------------------------------------------
 # per-coordinate selection
@@ -168,16 +128,6 @@ def test_weighted_mean_is_deterministic():
 
 # ---------------------------------------------------------------------------------------------
 # centred Gram matrix (compared through distances: the shift is not the reference's)
-
-
-def distances(G):
-    g = G.diagonal()
-    return g[:, None] + g[None, :] - 2 * G
-
-
-def direct_distances(X):
-    X64 = X.double().cpu()
-    return ((X64[:, None, :] - X64[None, :, :]) ** 2).sum(-1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
