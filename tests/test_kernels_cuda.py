@@ -17,7 +17,7 @@ import torch
 
 import tapestry as tp
 from tapestry import _native, ops, reference
-from test_kernels_triton import DTYPES, assert_close, direct_distances, distances, make
+from checks import DTYPES, assert_close, direct_distances, distances, make
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_GPU = torch.cuda.is_available()
@@ -88,8 +88,8 @@ def test_forcing_cuda_on_cpu_tensors_names_backend_and_device():
 def test_cuda_backend_rejects_cpu_tensors_even_when_available():
     from tapestry.backends import cuda
 
-    assert "cpu" in cuda.rejects(torch.device("cpu"))
-    assert cuda.rejects(torch.device("cuda", 0)) is None
+    assert "cpu" in cuda.rejects("trimmed_mean", torch.device("cpu"))
+    assert cuda.rejects("trimmed_mean", torch.device("cuda", 0)) is None
 
 
 def test_mixed_devices_are_named():

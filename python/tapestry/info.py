@@ -34,6 +34,7 @@ def collect() -> dict:
                            else f"not built ({cuda_ext})"),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+        "ops": op_table(),
     }
     try:
         import triton
@@ -42,6 +43,18 @@ def collect() -> dict:
     except Exception as exc:
         info["triton"] = f"not importable ({exc})"
     return info
+
+
+def _natural_device(backend: str) -> str:
+    """The device a backend is asked about in the op table: the one it exists for."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def op_table() -> dict[str, dict[str, str]]:
+    """op -> backend -> "yes" or the reason it cannot run the op (on its own device, any input)."""
+    return {op: {b: ops.why_not(b, op, _natural_device(b)) or "yes" for b in ops.BACKENDS} for op in ops.OPS}
 
 
 def _auto(device: str) -> str:
@@ -68,4 +81,27 @@ def run(args: argparse.Namespace) -> int:
     print(f"CUDA extension: {info['cuda_extension']}")
     print(f"CUDA devices: {', '.join(info['cuda_devices']) or 'none'}")
     print(f"triton: {info['triton']} (TRITON_INTERPRET={info['triton_interpret']})")
+    _print_table(info["ops"])
     return 0
+
+
+def _print_table(table: dict[str, dict[str, str]]) -> None:
+    """The op x backend table; each distinct reason for a gap is printed once, as a footnote."""
+    notes: list[str] = []
+    width = max(map(len, table))
+    print("\nops (yes, or the footnote saying why not):")
+    print(" " * (width + 2) + "".join(f"{b:>11s}" for b in ops.BACKENDS))
+    for op, row in table.items():
+        cells = []
+        for b in ops.BACKENDS:
+            reason = row[b]
+            if reason == "yes":
+                cells.append("yes")
+                continue
+            note = f"{b}: {reason}"
+            if note not in notes:
+                notes.append(note)
+            cells.append(f"[{notes.index(note) + 1}]")
+        print(f"  {op:{width}s}" + "".join(f"{c:>11s}" for c in cells))
+    for i, note in enumerate(notes, 1):
+        print(f"  [{i}] {note}")

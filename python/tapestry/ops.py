@@ -14,14 +14,17 @@ backend        module                           takes
 =============  ===============================  ==============================================
 
 ``auto`` walks that list in order and takes the first backend that is available, implements the
-op and accepts the inputs' device (the Triton interpreter is never chosen automatically: it is a
-test vehicle, not a fast path). ``TAPESTRY_BACKEND=cpu`` or ``with tapestry.backend("cpu"):``
-forces one; forcing a backend that cannot run raises :class:`BackendError` with the reason. The
-choice is logged on the ``tapestry.ops`` logger at DEBUG level, so a slow fallback is never
-silent.
+op and accepts the inputs (the Triton interpreter is never chosen automatically: it is a test
+vehicle, not a fast path). ``TAPESTRY_BACKEND=cpu`` or ``with tapestry.backend("cpu"):`` forces
+one; forcing a backend that cannot run the op on these inputs raises :class:`BackendError` with
+the reason. Every backend skipped, and why, is logged on the ``tapestry.ops`` logger at DEBUG
+level, so a slow path is never silent; ``tapestry info`` prints the op x backend table.
 
 Each backend module provides ``unavailable() -> str | None`` (why it cannot run at all) and
-``rejects(device: torch.device) -> str | None`` (why it cannot take tensors on ``device``).
+``rejects(op, device, args) -> str | None``: why it cannot run ``op`` on tensors on ``device``
+with the arguments ``args`` (dtype, row count, sizes; ``args`` is empty when only the device is
+known). A backend that accepts the inputs runs them itself: no backend falls back inside itself,
+so the name dispatch returns (and ``info.backend``) is the backend that ran.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import importlib
 import logging
 import os
 from types import ModuleType
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -135,36 +138,39 @@ def backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
-def _why_not(name: str, op: str, device: torch.device) -> str | None:
+def why_not(name: str, op: str, device: torch.device | str, args: tuple = ()) -> str | None:
+    """Why backend ``name`` cannot run ``op`` on ``device`` with ``args``, or None when it can."""
     reason = unavailable_reason(name)
     if reason is not None:
         return reason
     mod = _module(name)
     if not hasattr(mod, op):
         return f"does not implement {op}"
-    return mod.rejects(device)
+    return mod.rejects(op, torch.device(device), args)
 
 
-def resolve(op: str, device: torch.device | str) -> tuple[str, Callable]:
-    """The backend name and function that run ``op`` on tensors on ``device``."""
+def resolve(op: str, device: torch.device | str, args: tuple = ()) -> tuple[str, Callable]:
+    """The backend name and function that run ``op`` on tensors on ``device`` with arguments
+    ``args`` (pass them where known: a backend may take the device but not the inputs)."""
     if op not in OPS:
         raise KeyError(f"unknown op {op!r}")
     device = torch.device(device)
     name = _requested()
     if name != AUTO:
-        reason = _why_not(name, op, device)
+        reason = why_not(name, op, device, args)
         if reason is not None:
             raise BackendError(f"backend {name!r} cannot run {op} on {device}: {reason}")
         return name, getattr(_module(name), op)
     reasons = []
     for candidate in BACKENDS:
         if candidate == "triton" and device.type == "cpu":
-            reasons.append(f"  triton: not chosen automatically for CPU tensors (interpreter only)")
-            continue
-        reason = _why_not(candidate, op, device)
+            reason = "not chosen automatically for CPU tensors (interpreter only)"
+        else:
+            reason = why_not(candidate, op, device, args)
         if reason is None:
             log.debug("%s on %s -> %s", op, device, candidate)
             return candidate, getattr(_module(candidate), op)
+        log.debug("%s on %s: skipping %s (%s)", op, device, candidate, reason)
         reasons.append(f"  {candidate}: {reason}")
     raise BackendError(f"no backend can run {op} on {device}:\n" + "\n".join(reasons))
 
@@ -173,5 +179,15 @@ def call(op: str, *tensors_and_args, device: torch.device | str | None = None, *
     """Run ``op`` on the backend chosen for the device of its first tensor argument."""
     if device is None:
         device = next(a.device for a in tensors_and_args if isinstance(a, torch.Tensor))
-    _, fn = resolve(op, device)
+    _, fn = resolve(op, device, tensors_and_args)
     return fn(*tensors_and_args, **kwargs)
+
+
+ROBUST_OPS = ("weighted_mean", "trimmed_mean", "coord_median", "mean_around_median", "gram")
+
+
+def matrix_arg(op: str, args: tuple) -> torch.Tensor | None:
+    """The ``(n, d)`` updates argument of a robust op, when the caller passed it."""
+    if op in ROBUST_OPS and args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    return None

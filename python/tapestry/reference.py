@@ -17,7 +17,7 @@ def unavailable() -> str | None:
     return None
 
 
-def rejects(device: torch.device) -> str | None:
+def rejects(op: str, device: torch.device, args: tuple = ()) -> str | None:
     return None
 
 

@@ -95,10 +95,12 @@ def gram(src: Columns) -> tuple[torch.Tensor, str]:
     if fused is not None:
         G, name = fused()
         return src.reduce(G).cpu(), name
-    name, fn = ops.resolve("gram", src.device)
-    G = None
+    G, name = None, None
     for a, b in src.blocks():
-        part = fn(src.read(a, b)).to(torch.float64)
+        X = src.read(a, b)
+        if name is None:
+            name, fn = ops.resolve("gram", src.device, (X,))
+        part = fn(X).to(torch.float64)
         G = part if G is None else G + part
     return src.reduce(G).cpu(), name
 
@@ -108,13 +110,15 @@ def apply(op: str, src: Columns, *args) -> tuple[torch.Tensor, str]:
     fused = src.fused(op)
     if fused is not None:
         return fused(*args)
-    name, fn = ops.resolve(op, src.device)
     blocks = list(src.blocks())
+    first = src.read(*blocks[0]) if blocks else None  # a rank's shard may hold no columns
+    # every block has the first's dtype and rows: the backend is chosen once, on real inputs
+    name, fn = ops.resolve(op, src.device, (first, *args) if blocks else ())
     if len(blocks) == 1:
-        return fn(src.read(*blocks[0]), *args), name
+        return fn(first, *args), name
     out = torch.empty(src.d, dtype=torch.float32, device=src.device)
-    for a, b in blocks:
-        out[a:b] = fn(src.read(a, b), *args)
+    for i, (a, b) in enumerate(blocks):
+        out[a:b] = fn(first if i == 0 else src.read(a, b), *args)
     return out, name
 
 

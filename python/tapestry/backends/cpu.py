@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _native
+from .. import _native, ops
 
 # dtype codes shared with csrc/common.h
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -18,8 +18,13 @@ def unavailable() -> str | None:
     return _native.missing_reason("_C")
 
 
-def rejects(device: torch.device) -> str | None:
-    return None if device.type == "cpu" else f"takes CPU tensors, got {device}"
+def rejects(op: str, device: torch.device, args: tuple = ()) -> str | None:
+    if device.type != "cpu":
+        return f"takes CPU tensors, got {device}"
+    X = ops.matrix_arg(op, args)
+    if X is not None and X.dtype not in DTYPE_CODES:
+        return f"no kernel for {X.dtype} updates (float32, float16, bfloat16)"
+    return None
 
 
 def _C():
@@ -30,8 +35,8 @@ def _C():
 # robust aggregation (csrc/cpu/select.cpp, gram.cpp, mean.cpp)
 #
 # The kernels read X in place (any row stride, unit stride along d; float16/bfloat16 without a
-# float32 copy) and write a float32 result allocated here. float64 input has no kernel: it runs
-# the reference (exact, and float64 is what the contract returns for it).
+# float32 copy) and write a float32 result allocated here. float64 input has no kernel: rejects()
+# says so and dispatch runs the reference (exact, and float64 is what the contract returns).
 
 
 def _matrix(X: torch.Tensor, op: str) -> tuple[torch.Tensor, int, int]:
@@ -47,15 +52,7 @@ def _matrix(X: torch.Tensor, op: str) -> tuple[torch.Tensor, int, int]:
     return X, X.stride(0), DTYPE_CODES[X.dtype]
 
 
-def _reference(op: str):
-    from .. import reference
-
-    return getattr(reference, op)
-
-
 def weighted_mean(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    if X.dtype == torch.float64:
-        return _reference("weighted_mean")(X, w)
     X, stride, code = _matrix(X, "weighted_mean")
     n, d = X.shape
     w = _weights(w, n)
@@ -72,8 +69,6 @@ def _weights(w, n: int) -> torch.Tensor:
 
 
 def trimmed_mean(X: torch.Tensor, f: int) -> torch.Tensor:
-    if X.dtype == torch.float64:
-        return _reference("trimmed_mean")(X, f)
     X, stride, code = _matrix(X, "trimmed_mean")
     n, d = X.shape
     if not 0 <= 2 * f < n:
@@ -84,8 +79,6 @@ def trimmed_mean(X: torch.Tensor, f: int) -> torch.Tensor:
 
 
 def coord_median(X: torch.Tensor) -> torch.Tensor:
-    if X.dtype == torch.float64:
-        return _reference("coord_median")(X)
     X, stride, code = _matrix(X, "coord_median")
     n, d = X.shape
     if n < 1:
@@ -96,8 +89,6 @@ def coord_median(X: torch.Tensor) -> torch.Tensor:
 
 
 def mean_around_median(X: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
-    if X.dtype == torch.float64:
-        return _reference("mean_around_median")(X, rows, k)
     X, stride, code = _matrix(X, "mean_around_median")
     n, d = X.shape
     rows = _rows(rows, n, k)
@@ -118,8 +109,6 @@ def _rows(rows, n: int, k: int) -> torch.Tensor:
 
 
 def gram(X: torch.Tensor) -> torch.Tensor:
-    if X.dtype == torch.float64:
-        return _reference("gram")(X)
     X, stride, code = _matrix(X, "gram")
     n, d = X.shape
     G = torch.empty(n, n, dtype=torch.float64)

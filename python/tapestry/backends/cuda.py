@@ -5,9 +5,14 @@ The extension imports on machines without a GPU driver and reports itself unavai
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from .. import _native
+from .. import _native, ops
+from ..updates import KERNEL_DTYPES
+
+log = logging.getLogger("tapestry.ops")
 
 
 def unavailable() -> str | None:
@@ -20,8 +25,20 @@ def unavailable() -> str | None:
     return None
 
 
-def rejects(device: torch.device) -> str | None:
-    return None if device.type == "cuda" else f"takes CUDA tensors, got {device}"
+ROW_LIMITED = {"trimmed_mean": 0, "coord_median": 0, "mean_around_median": 1}  # op -> argument holding the rows
+
+
+def rejects(op: str, device: torch.device, args: tuple = ()) -> str | None:
+    if device.type != "cuda":
+        return f"takes CUDA tensors, got {device}"
+    X = ops.matrix_arg(op, args)
+    if X is not None and X.dtype not in KERNEL_DTYPES:
+        return f"no kernel for {X.dtype} updates (float32, float16, bfloat16)"
+    if op in ROW_LIMITED and len(args) > ROW_LIMITED[op]:
+        n, limit = len(args[ROW_LIMITED[op]]), _native.require("_cuda").MAX_SELECT_ROWS
+        if n > limit:
+            return f"{n} rows, above the selection kernels' limit of {limit}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,17 +62,6 @@ def _launch(X: torch.Tensor) -> dict:
     return {"stream": torch.cuda.current_stream(X.device).cuda_stream, "device": X.device.index}
 
 
-def _too_many_rows(n: int, op: str) -> bool:
-    """Beyond the kernels' row limit the reference runs instead, logged (never silently)."""
-    limit = _native.require("_cuda").MAX_SELECT_ROWS
-    if n <= limit:
-        return False
-    import logging
-
-    logging.getLogger("tapestry.ops").warning("cuda %s: n=%d > %d rows, running the reference instead", op, n, limit)
-    return True
-
-
 def weighted_mean(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     X, code = _robust_input(X, "weighted_mean")
     d = X.shape[1]
@@ -72,10 +78,6 @@ def weighted_mean(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def trimmed_mean(X: torch.Tensor, f: int) -> torch.Tensor:
     X, code = _robust_input(X, "trimmed_mean")
     n, d = X.shape
-    if _too_many_rows(n, "trimmed_mean"):
-        from .. import reference
-
-        return reference.trimmed_mean(X, f)
     out = torch.empty(d, dtype=torch.float32, device=X.device)
     _native.require("_cuda").trimmed_mean(X.data_ptr(), code, n, d, X.stride(0), f, out.data_ptr(), **_launch(X))
     return out
@@ -84,10 +86,6 @@ def trimmed_mean(X: torch.Tensor, f: int) -> torch.Tensor:
 def coord_median(X: torch.Tensor) -> torch.Tensor:
     X, code = _robust_input(X, "coord_median")
     n, d = X.shape
-    if _too_many_rows(n, "coord_median"):
-        from .. import reference
-
-        return reference.coord_median(X)
     out = torch.empty(d, dtype=torch.float32, device=X.device)
     _native.require("_cuda").coord_median(X.data_ptr(), code, n, d, X.stride(0), out.data_ptr(), **_launch(X))
     return out
@@ -96,10 +94,6 @@ def coord_median(X: torch.Tensor) -> torch.Tensor:
 def mean_around_median(X: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
     X, code = _robust_input(X, "mean_around_median")
     d = X.shape[1]
-    if _too_many_rows(rows.numel(), "mean_around_median"):
-        from .. import reference
-
-        return reference.mean_around_median(X, rows, k)
     rows = rows.to(device=X.device, dtype=torch.int64).contiguous()
     out = torch.empty(d, dtype=torch.float32, device=X.device)
     _native.require("_cuda").mean_around_median(X.data_ptr(), code, d, X.stride(0), rows.data_ptr(), rows.numel(), k,
@@ -120,6 +114,7 @@ def gram(X: torch.Tensor) -> torch.Tensor:
     if kernels is not None:
         with torch.cuda.device(X.device):
             return kernels.gram(X)
+    log.warning("cuda gram: triton is not importable, running the cuBLAS float64 path (slower)")
     n, d = X.shape
     G = torch.zeros(n, n, dtype=torch.float64, device=X.device)
     for a in range(0, d, 1 << 18):

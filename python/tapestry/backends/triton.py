@@ -9,6 +9,9 @@ import os
 
 import torch
 
+from .. import ops
+from ..updates import KERNEL_DTYPES
+
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -24,12 +27,13 @@ def unavailable() -> str | None:
     return None
 
 
-def rejects(device: torch.device) -> str | None:
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and _interpret():
-        return None
-    return f"takes CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device}"
+def rejects(op: str, device: torch.device, args: tuple = ()) -> str | None:
+    if not (device.type == "cuda" or (device.type == "cpu" and _interpret())):
+        return f"takes CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device}"
+    X = ops.matrix_arg(op, args)
+    if X is not None and X.dtype not in KERNEL_DTYPES:
+        return f"no kernel for {X.dtype} updates (float32, float16, bfloat16)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
