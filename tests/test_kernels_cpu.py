@@ -1,7 +1,7 @@
 """The cpu backend's robust-aggregation kernels (csrc/cpu/select.cpp, gram.cpp, mean.cpp) against
 the reference evaluated in float64.
 
-Tolerance (SPEC.md, "Numerics"): per coordinate, ``1e-6`` of the coordinate's value range, plus
+Tolerance (docs/spec.md, "Numerics"): per coordinate, ``1e-6`` of the coordinate's value range, plus
 the float32 rounding of the result itself (one unit in the last place), which no float32 output
 can avoid when the values share a component much larger than their range.
 """
@@ -214,7 +214,7 @@ def test_gram_distances(n, dtype):
 
 
 def test_gram_common_component_relative_accuracy():
-    """SPEC.md: relative 1e-4 per distance with a common component 1e3 times the spread."""
+    """docs/spec.md: relative 1e-4 per distance with a common component 1e3 times the spread."""
     for n, d in ((5, 1), (32, 7), (17, 1000), (33, 100_003)):
         X = data(n, d, seed=d, kind="common")
         D, D0 = distances(cpu.gram(X)), direct_sq_distances(X)

@@ -1,5 +1,5 @@
 """The rules end to end (validation, selection, diagnostics, non-finite clients) on every CPU
-backend, against direct NumPy transcriptions of SPEC.md (tests/naive.py)."""
+backend, against direct NumPy transcriptions of docs/spec.md (tests/naive.py)."""
 
 import numpy as np
 import pytest
@@ -30,7 +30,7 @@ def updates(n, d, seed=0, common=0.0, dtype=torch.float32):
 
 
 def close(actual, expected, X, rel=1e-6):
-    """SPEC.md: per coordinate, relative 1e-6 of the coordinate's value range, plus the half ulp
+    """docs/spec.md: per coordinate, relative 1e-6 of the coordinate's value range, plus the half ulp
     that rounding the exact result to the float32 output costs (unavoidable when the values
     share a component much larger than their range)."""
     expected = torch.as_tensor(expected, dtype=torch.float64)
