@@ -5,7 +5,7 @@ registers as a ``(BLOCK_D, NP)`` tile (``NP`` = ``n`` rounded up to a power of t
 ranks last). The tile is sorted along its client axis by ``tl.sort`` (a bitonic network on
 registers), then a window of ranks is averaged in float64.
 
-Ranking (SPEC.md): -Inf < finite < +Inf < NaN, torch.sort's order. Values are mapped to an int32
+Ranking (docs/spec.md): -Inf < finite < +Inf < NaN, torch.sort's order. Values are mapped to an int32
 key that orders like the floats (flip the magnitude bits of negatives), with every NaN
 canonicalised to the largest key; padding uses that key too, so it always sorts past rank n-1.
 float16/bfloat16 are read as they are and widened in registers (exactly).

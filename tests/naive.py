@@ -1,11 +1,11 @@
-"""Direct float64 NumPy transcriptions of SPEC.md's definitions, written independently of
+"""Direct float64 NumPy transcriptions of docs/spec.md's definitions, written independently of
 tapestry.reference (loops and explicit distances, no Gram trick), to check the rules end to end."""
 
 import numpy as np
 
 
 def rank_key(v):
-    """Sort key for SPEC.md's ranking: -Inf < finite < +Inf < NaN."""
+    """Sort key for docs/spec.md's ranking: -Inf < finite < +Inf < NaN."""
     return np.where(np.isnan(v), np.inf, v), np.isnan(v)
 
 

@@ -168,7 +168,7 @@ def test_gram_distances(n, dtype):
 
 
 def test_gram_common_component_relative_accuracy():
-    """SPEC.md: relative 1e-4 per distance with a common component 1e3 times the spread."""
+    """docs/spec.md: relative 1e-4 per distance with a common component 1e3 times the spread."""
     for n, d in ((5, 1), (32, 7), (17, 1000), (33, 100_003)):
         X = data(n, d, seed=d, kind="common")
         D, D0 = distances(cpu.gram(X)), direct_distances(X)

@@ -32,7 +32,7 @@ def test_trimmed_mean_and_median(n, dtype):
     X = make(n, 7, seed=n, dtype=dtype, nonfinite=min(f, 3))  # at most f non-finite per column
     assert_close(tselect.trimmed_mean(X, f), reference.trimmed_mean(X, f), X, what=f"trimmed_mean n={n} f={f}")
     assert_close(tselect.coord_median(X), reference.coord_median(X), X, what=f"coord_median n={n}")
-    if f > 0:  # SPEC.md: with at most f non-finite values per coordinate the result is finite
+    if f > 0:  # docs/spec.md: with at most f non-finite values per coordinate the result is finite
         assert bool(torch.isfinite(tselect.trimmed_mean(X, f)).all())
 
 
@@ -138,7 +138,7 @@ def test_gram_distances_with_huge_common_component(n, d, dtype):
     assert G.dtype == torch.float64 and G.shape == (n, n)
     D, ref = distances(G.cpu()), direct_distances(X)
     scale = ref.abs().max().clamp(min=1e-300)
-    assert float((D - ref).abs().max() / scale) <= 1e-4, "relative distance error above SPEC.md's 1e-4"
+    assert float((D - ref).abs().max() / scale) <= 1e-4, "relative distance error above docs/spec.md's 1e-4"
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN matmul

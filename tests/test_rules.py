@@ -1,5 +1,5 @@
 """The rules end to end (validation, selection, diagnostics, non-finite clients) on every CPU
-backend, against direct NumPy transcriptions of SPEC.md (tests/naive.py)."""
+backend, against direct NumPy transcriptions of docs/spec.md (tests/naive.py)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Input normalisation: every form SPEC.md accepts, and clear errors for everything else."""
+"""Input normalisation: every form docs/spec.md accepts, and clear errors for everything else."""
 
 import numpy as np
 import pytest

@@ -1,6 +1,6 @@
 // ChaCha20 keystream (RFC 8439 section 2.3) and fused secure-sum masking.
 //
-// Layout (SPEC.md): keystream word k of (key, nonce) is word k mod 16 of the block with counter
+// Layout (docs/spec.md): keystream word k of (key, nonce) is word k mod 16 of the block with counter
 // k div 16, so any slice can be produced independently. The SIMD paths compute 16 (AVX-512) or 8
 // (AVX2) consecutive blocks at once, one block per vector lane ("vertical" layout: vector w holds
 // state word w of every block), then transpose lanes back into block order before the store, where

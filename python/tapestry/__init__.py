@@ -6,7 +6,7 @@
     with tp.backend("cpu"):
         ...
 
-See README.md for the command line and ``shared/SPEC.md`` for what each rule computes.
+See README.md for the command line and ``docs/spec.md`` for what each rule computes.
 """
 
 from __future__ import annotations

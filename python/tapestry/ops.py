@@ -10,7 +10,7 @@ backend        module                           takes
 ``cuda``       ``tapestry.backends.cuda``       CUDA tensors (needs ``tapestry._cuda`` + a GPU)
 ``triton``     ``tapestry.backends.triton``     CUDA tensors; CPU tensors under TRITON_INTERPRET=1
 ``cpu``        ``tapestry.backends.cpu``        CPU tensors (needs ``tapestry._C``)
-``reference``  ``tapestry.reference``           anything: readable PyTorch, the executable SPEC.md
+``reference``  ``tapestry.reference``           anything: readable PyTorch, the executable docs/spec.md
 =============  ===============================  ==============================================
 
 ``auto`` walks that list in order and takes the first backend that is available, implements the
@@ -69,7 +69,7 @@ OPS: dict[str, str] = {
     "mean_around_median_quantized": "(qs, scales, codec, block, d, rows, k) -> (d,): mean_around_median of the n decoded rows",
     # -- secure sum (see tapestry.secure)
     #    ring elements are uint32 stored as int32 bit patterns; key (8,) / keys (m, 8) and nonce (3,)
-    #    are int32 words on the data's device; offsets count keystream words (SPEC.md layout)
+    #    are int32 words on the data's device; offsets count keystream words (docs/spec.md layout)
     "chacha20_keystream": "(key, nonce, offset: int, count: int) -> (count,) int32: ChaCha20 words offset .. offset+count-1",
     "chacha20_mask": "(x: (d,) int32, keys: (m, 8), signs: (m,) int8 of +-1, nonce, offset: int, out=None) -> (d,) int32: x + sum_j signs_j PRG(keys_j)[offset:offset+d] mod 2^32",
 }

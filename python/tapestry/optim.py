@@ -6,7 +6,7 @@
     torch.save(opt.state_dict(), "outer.pt")                     # ... later: opt.load_state_dict(torch.load(...))
 
 The aggregate is the combined *update* ``delta = local - global`` (the direction the participants
-moved); the pseudo-gradient of DiLoCo and Reddi et al. is its negative (SPEC.md, "Server (outer)
+moved); the pseudo-gradient of DiLoCo and Reddi et al. is its negative (docs/spec.md, "Server (outer)
 optimizers"). With ``t`` the 1-based step count and ``a`` the aggregate:
 
 * ``fedavg``:     ``x += lr * a``.

@@ -1,10 +1,10 @@
-"""The reference backend: readable PyTorch for every op, the executable form of ``SPEC.md``.
+"""The reference backend: readable PyTorch for every op, the executable form of ``docs/spec.md``.
 
 Every other backend is tested against these functions, evaluated on float64 copies of the inputs.
 They run on any device and any float dtype, accumulate in float64 and return float32 (float64
 for float64 input). Speed and memory are not their concern; clarity is.
 
-Ranking convention shared by every per-coordinate op (SPEC.md, "Non-finite inputs"): values are
+Ranking convention shared by every per-coordinate op (docs/spec.md, "Non-finite inputs"): values are
 ordered -Inf < finite < +Inf < NaN, which is exactly the order of ``torch.sort`` (NaN last).
 """
 

@@ -1,4 +1,4 @@
-"""Client updates in every form SPEC.md accepts, normalised to one ``(n, d)`` tensor.
+"""Client updates in every form docs/spec.md accepts, normalised to one ``(n, d)`` tensor.
 
 Accepted forms (all clients must use the same one):
 

@@ -1,4 +1,4 @@
-"""What every rule shares: the call protocol, diagnostics and the checks of SPEC.md's requirements."""
+"""What every rule shares: the call protocol, diagnostics and the checks of docs/spec.md's requirements."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class AggregationInfo:
 
 
 def require(condition: bool, message: str) -> None:
-    """Raise ``ValueError(message)`` unless ``condition``: SPEC.md's requirements, with numbers."""
+    """Raise ``ValueError(message)`` unless ``condition``: docs/spec.md's requirements, with numbers."""
     if not condition:
         raise ValueError(message)
 

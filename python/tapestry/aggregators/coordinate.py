@@ -12,7 +12,7 @@ from .base import AggregationInfo, Rule, apply, check_f, indices, nonfinite_rows
 
 
 def normalised_weights(weights: Sequence[float] | torch.Tensor | None, n: int) -> torch.Tensor:
-    """float64 weights summing to 1; checks SPEC.md's ``w_i >= 0``, ``sum w > 0``, every weight
+    """float64 weights summing to 1; checks docs/spec.md's ``w_i >= 0``, ``sum w > 0``, every weight
     finite, and names the first client whose weight breaks them. The weights are divided by the
     largest before they are summed, so that weights near 1e308 (example counts a hostile client
     reports) neither overflow the sum to inf (which would make every weight 0) nor lose the others."""

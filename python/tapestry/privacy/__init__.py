@@ -1,4 +1,4 @@
-"""Differential privacy for aggregation (docs/privacy.md; SPEC.md, "Differential privacy").
+"""Differential privacy for aggregation (docs/privacy.md; docs/spec.md, "Differential privacy").
 
 * :func:`sample_discrete_gaussian`, :func:`sample_skellam`: exact integer noise driven by ChaCha20
   (int64 tensors; the same draws from the C++ kernel and the pure-Python reference).

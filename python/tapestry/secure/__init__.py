@@ -1,4 +1,4 @@
-"""Secure sum: the server learns only the total of the clients' updates (SPEC.md, "Secure sum").
+"""Secure sum: the server learns only the total of the clients' updates (docs/spec.md, "Secure sum").
 
 * :func:`chacha20_keystream`, :func:`chacha20_mask`: the ChaCha20 PRG (RFC 8439) on every backend.
 * :class:`FixedPoint`: floats into Z_2^32 / Z_2^64 without overflow of the sum.

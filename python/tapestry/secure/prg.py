@@ -2,7 +2,7 @@
 
 A seed is a 32-byte ChaCha20 key; each purpose has a fixed 12-byte nonce (:data:`NONCE_MASK` for
 masks, :data:`NONCE_ROUNDING` for stochastic rounding). Keystream word ``k`` is word ``k mod 16``
-of the RFC 8439 block with counter ``k div 16`` (SPEC.md), so any slice can be produced by any
+of the RFC 8439 block with counter ``k div 16`` (docs/spec.md), so any slice can be produced by any
 backend and one large call equals many small calls. The 32-bit block counter never wraps: a range
 reaching past block ``2^32 - 1`` raises :class:`ValueError`.
 """
