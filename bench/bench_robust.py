@@ -3,7 +3,7 @@
     pytest bench/bench_robust.py                       # n = 32, d = 4,194,304, f = 8
     pytest bench/bench_robust.py --bench-d 1048576 --benchmark-json out.json
 
-The cases are :func:`tapestry.bench.cases` (the same objects ``tapestry bench`` times). Each case
+The cases are :func:`tapestry.bench.robust.cases` (the same objects ``tapestry bench`` times). Each case
 is timed by pytest-benchmark; ``extra_info`` adds its GB/s, its ratio to its baseline (the median
 of per-round ratios, the two timed back to back each round, as ``tapestry bench`` does), and the
 peak memory it adds beyond its result (MiB and % of the bytes it reads).
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import pytest
 
-from tapestry import bench
+from tapestry.bench import harness as bench
+from tapestry.bench.robust import cases
 
 _cache: dict = {}
 
@@ -22,12 +23,12 @@ def _cases(cfg) -> dict:
     key = (cfg.n, cfg.d, cfg.f, cfg.seed)
     if key not in _cache:
         _cache.clear()  # one size at a time: the inputs are large
-        _cache[key] = {bench.case_key(c): c for c in bench.cases(cfg)}
+        _cache[key] = {bench.case_key(c): c for c in cases(cfg)}
     return _cache[key]
 
 
 # ids depend only on the backends found, not on sizes: build them on a tiny config
-CASE_IDS = [bench.case_key(c) for c in bench.cases(bench.Config(n=5, d=16, f=1))]
+CASE_IDS = [bench.case_key(c) for c in cases(bench.Config(n=5, d=16, f=1))]
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)

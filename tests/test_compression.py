@@ -534,9 +534,9 @@ def test_fused_aggregate_rejects_mismatched_clients():
 def test_fused_aggregate_peak_memory_is_about_one_update():
     """n = 16 int8 payloads of d = 2^21 values: aggregating them adds at most ~2 float32 updates
     of resident memory (the (d,) result and a cache-sized block), not n = 16."""
-    from tapestry.bench import _peak_rss_reset, _rss_kib
+    from tapestry.bench.harness import peak_rss_reset, rss_kib
 
-    if not _peak_rss_reset():
+    if not peak_rss_reset():
         pytest.skip("/proc/self/clear_refs not writable here: cannot measure peak memory")
     n, d = 16, 1 << 21
     g = torch.Generator().manual_seed(0)
@@ -546,10 +546,10 @@ def test_fused_aggregate_peak_memory_is_about_one_update():
         import gc
 
         gc.collect()
-        before = _rss_kib("VmRSS")
-        _peak_rss_reset()
+        before = rss_kib("VmRSS")
+        peak_rss_reset()
         out = aggregate(ps, rule)
-        extra_mib = (_rss_kib("VmHWM") - before) / 1024
+        extra_mib = (rss_kib("VmHWM") - before) / 1024
         one_update_mib = 4 * d / 2**20
         assert extra_mib < 2.5 * one_update_mib, f"{rule.name}: {extra_mib:.1f} MiB extra, one update is {one_update_mib:.0f} MiB"
         del out

@@ -344,7 +344,7 @@ def test_bench_memory_measurement_sees_temporaries_and_kernels_add_none():
 
     script = """
 import json, torch
-from tapestry import bench
+from tapestry.bench import harness as bench
 from tapestry.backends import cpu
 bench._glibc(bench.MEASURE_MMAP_THRESHOLD)
 X = torch.randn(32, 1 << 18)

@@ -6,7 +6,7 @@ that was carried along. Steps, each with its own time limit, all reported even w
 
 1. build ``tapestry._C`` and ``tapestry._cuda`` in place with the Python found here;
 2. ``pytest -m gpu`` (every GPU test: kernels, fused ops, ChaCha20, optimizers on CUDA);
-3. ``tapestry bench --device cuda --json`` (robust family, d = 2^26) and ``bench/bench_gpu.py``;
+3. ``tapestry bench --device cuda --json`` (every family with GPU cases, d = 2^26);
 4. ``tapestry info``.
 
 Writes ``OUT/gpu-report.md`` and ``OUT/gpu-report.json`` (``OUT``: ``$OUT`` or ``out/gpu``).
@@ -66,8 +66,7 @@ def main() -> int:
         step("build", [py, "setup.py", "-q", "build_ext", "--inplace"], env, 240),
         step("info", [py, "-m", "tapestry", "info"], env, 60),
         step("pytest -m gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], env, 180),
-        step("bench --device cuda", [py, "-m", "tapestry", "bench", "--device", "cuda", "--json", bench_json], env, 150),
-        step("bench_gpu.py", [py, "bench/bench_gpu.py", "--json", os.path.join(OUT, "bench-gpu.json")], env, 90),
+        step("bench --device cuda", [py, "-m", "tapestry", "bench", "--device", "cuda", "--json", bench_json], env, 240),
     ]
     gpu = subprocess.run([py, "-c", "import torch; print(torch.cuda.get_device_name(0), torch.__version__, "
                           "torch.version.cuda)"], capture_output=True, text=True, env=env).stdout.strip()

@@ -23,9 +23,9 @@ import torch
 import tapestry as tp
 
 from .. import _pages, ops
-from ..bench import Case, Config, _backends_for, last_level_cache_bytes, with_backend
-from .codecs import decode, decode_flat, encode, seed_key
-from .fused import aggregate
+from ..compression.codecs import decode, decode_flat, encode, seed_key
+from ..compression.fused import aggregate
+from .harness import Case, Config, backends_for, last_level_cache_bytes, with_backend
 
 
 def cases(cfg: Config) -> list[Case]:
@@ -42,7 +42,7 @@ def cases(cfg: Config) -> list[Case]:
     payloads = {c: encode(x, c, seed=1) for c in ("int8", "int4", "fp16")}
     q8, s8 = torch.empty(d1, dtype=torch.int8), torch.empty(-(-d1 // 256))
     q4 = torch.empty((d1 + 1) // 2, dtype=torch.uint8)
-    for b in _backends_for("cpu"):
+    for b in backends_for("cpu"):
         def kernel(name, *args, **kw):
             return with_backend(b, lambda: ops.call(name, *args, device="cpu", **kw))
 
@@ -73,7 +73,7 @@ def cases(cfg: Config) -> list[Case]:
     payloads16 = [encode(X[i], "fp16") for i in range(n)]
     dense = torch.stack([decode(p) for p in payloads8])
     nbytes = 4 * n * d
-    for b in _backends_for("cpu"):
+    for b in backends_for("cpu"):
         out += [
             Case("compression", "trimmed_mean_f32", with_backend(b, lambda: tp.trimmed_mean(dense, f=f)), nbytes, b,
                  is_baseline=True),

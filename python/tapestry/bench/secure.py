@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import _native, ops
-from ..bench import Case, Config, _backends_for, one_thread as _one_thread, with_backend
+from .harness import Case, Config, backends_for, one_thread, with_backend
 
 K = 8
 
@@ -28,8 +28,8 @@ K = 8
 def cases(cfg: Config) -> list[Case]:
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-    from .prg import NONCE_MASK, _words, chacha20_keystream, chacha20_mask
-    from .simulate import simulate_round
+    from ..secure.prg import NONCE_MASK, _words, chacha20_keystream, chacha20_mask
+    from ..secure.simulate import simulate_round
 
     d = cfg.d
     rng = np.random.default_rng(cfg.seed)
@@ -55,16 +55,16 @@ def cases(cfg: Config) -> list[Case]:
         C = _native.require("_C")
         buf = torch.empty(d, dtype=torch.int32)
         kw, nw = _words(key, 8, "key", "cpu"), _words(nonce, 3, "nonce", "cpu")
-        out.append(Case("secure", f"chacha20_keystream[{C.chacha20_isa()}]", _one_thread(
+        out.append(Case("secure", f"chacha20_keystream[{C.chacha20_isa()}]", one_thread(
             lambda: C.chacha20_keystream(buf.data_ptr(), kw.data_ptr(), nw.data_ptr(), 0, d)), 4 * d, "cpu", "uint32",
             baseline="openssl_chacha20"))
-        out.append(Case("secure", "chacha20_keystream_api", _one_thread(with_backend(
+        out.append(Case("secure", "chacha20_keystream_api", one_thread(with_backend(
             "cpu", lambda: chacha20_keystream(key, nonce, 0, d))), 4 * d, "cpu", "uint32", baseline="openssl_chacha20"))
-        out.append(Case("secure", "chacha20_mask_k8_1thread", _one_thread(with_backend(
+        out.append(Case("secure", "chacha20_mask_k8_1thread", one_thread(with_backend(
             "cpu", lambda: chacha20_mask(x, seeds, signs, nonce=NONCE_MASK))), mask_bytes, "cpu", "uint32",
             baseline="flower_randomstate"))
     xd = x.to(cfg.device)
-    for b in _backends_for(cfg.device):
+    for b in backends_for(cfg.device):
         out.append(Case("secure", "chacha20_mask_k8", with_backend(b, lambda: chacha20_mask(xd, seeds, signs)),
                         mask_bytes, b, "uint32", baseline="flower_randomstate"))
         out.append(Case("secure", "chacha20_keystream", with_backend(

@@ -44,7 +44,7 @@ def _timed(fn) -> float:
 
 def _rank(rank: int, world: int, port: int, d: int, repeat: int, queue) -> None:
     from .._native import set_num_threads
-    from .allreduce import all_reduce
+    from ..distributed.allreduce import all_reduce
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     set_num_threads(1)  # WORLD ranks share this machine's cores
@@ -81,8 +81,8 @@ def _rank(rank: int, world: int, port: int, d: int, repeat: int, queue) -> None:
 
 def rows(cfg) -> list:
     """The family's rows (timed in ``WORLD`` spawned ranks, reported by rank 0)."""
-    from ..bench import Row
-    from .launch import free_port
+    from ..distributed.launch import free_port
+    from .harness import Row
 
     d = (1 << 20) if cfg.quick else (1 << 24)
     ctx = mp.get_context("spawn")

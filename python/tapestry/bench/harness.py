@@ -1,9 +1,9 @@
-"""``tapestry bench``: every op on every available backend, beside baselines timed in the same run.
+"""The benchmark harness: cases, one timing implementation, memory measurement, the runner.
 
 Shared machines drift, so each row reports its time as a ratio to a baseline measured in the same
 run on the same data (a plain copy of the bytes, torch ``X.mean(0)``, ``X @ X.T``), next to ms and
-GB/s of bytes read. Families of cases: ``robust`` (here), and ``compression`` / ``secure`` from
-their packages' ``bench_cases`` modules when present.
+GB/s of bytes read. Each family is a module of this package with ``cases(cfg)`` (or ``rows(cfg)``
+when it times itself across processes) and imports only this module and the library.
 
 A case names its baseline by name (a case with ``is_baseline``) or as ``name:backend:dtype`` (any
 case timed before it; the bfloat16 trimmed mean is compared with its own float32 time). The ratio
@@ -18,32 +18,20 @@ adds beyond what it returns (see :func:`measure_extra`), also as a share of the 
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import glob
 import importlib
-import json
-import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from collections.abc import Callable
 
 import torch
 
-from . import ops
+from .. import ops
 
-HELP = "time each op on every available backend beside same-run baselines (copy, torch mean, X @ X.T)"
-
-FAMILIES = {
-    "robust": "tapestry.bench",
-    "compression": "tapestry.compression.bench_cases",
-    "secure": "tapestry.secure.bench_cases",
-    "collective": "tapestry.distributed.bench_cases",
-    "byzfl": "tapestry.aggregators.bench_cases",
-    "privacy": "tapestry.privacy.bench_cases",
-}
+FAMILIES = ("robust", "compression", "secure", "collective", "byzfl", "privacy")  # modules of tapestry.bench
 
 
 @dataclass
@@ -102,7 +90,7 @@ class Row:
     bw_pct: float | None = None  # GB/s as a percentage of the copy's GB/s (see the module docstring)
 
 
-def _peak_rss_reset() -> bool:
+def peak_rss_reset() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # resets VmHWM (peak resident set) to the current RSS
@@ -111,7 +99,7 @@ def _peak_rss_reset() -> bool:
         return False
 
 
-def _rss_kib(field_name: str) -> int:
+def rss_kib(field_name: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith(field_name + ":"):
@@ -149,6 +137,11 @@ MEASURE_MMAP_THRESHOLD = 128 * 1024
 TIMING_MMAP_THRESHOLD = 32 * 1024 * 1024
 
 
+def timing_allocator() -> None:
+    """Fixed glibc settings for a whole timing run (see :func:`_glibc`)."""
+    _glibc(TIMING_MMAP_THRESHOLD)
+
+
 def measure_extra(fn: Callable[[], object]) -> float | None:
     """Peak resident memory, in MiB, that one call of ``fn`` adds beyond what it returns (CPU).
 
@@ -161,12 +154,12 @@ def measure_extra(fn: Callable[[], object]) -> float | None:
     try:
         gc.collect()
         lib.malloc_trim(0)
-        before = _rss_kib("VmRSS")
-        if not _peak_rss_reset():
+        before = rss_kib("VmRSS")
+        if not peak_rss_reset():
             return None
         out = fn()
-        peak = _rss_kib("VmHWM")
-        held = _rss_kib("VmRSS") - before  # what the result keeps alive
+        peak = rss_kib("VmHWM")
+        held = rss_kib("VmRSS") - before  # what the result keeps alive
         del out
         return max(0, peak - before - max(held, 0)) / 1024
     finally:
@@ -246,7 +239,7 @@ def with_backend(name: str, fn: Callable[[], object]) -> Callable[[], object]:
 
 def one_thread(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` run with one thread in tapestry._C's kernels (per-core rates)."""
-    from . import _native
+    from .. import _native
 
     C = _native.require("_C")
 
@@ -260,88 +253,20 @@ def one_thread(fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def _backends_for(device: str) -> list[str]:
+def backends_for(device: str) -> list[str]:
+    """The non-reference backends that take tensors on ``device`` (Triton's CPU interpreter excluded)."""
     return [name for name in ops.BACKENDS if name != "reference" and not (name == "triton" and device == "cpu")
             and ops.why_not(name, "trimmed_mean", device) is None]
-
-
-def cases(cfg: Config) -> list[Case]:
-    """The robust-aggregation family: the issue's headline rules at n, d, f of ``cfg``."""
-    import tapestry as tp
-
-    g = torch.Generator().manual_seed(cfg.seed)
-    X = torch.randn(cfg.n, cfg.d, generator=g).to(cfg.device)
-    Xb = X.to(torch.bfloat16)
-    nbytes = X.numel() * X.element_size()
-    dst = torch.empty_like(X)
-    out = [
-        Case("robust", "copy", lambda: dst.copy_(X), 2 * nbytes, is_baseline=True),
-        Case("robust", "torch_mean", lambda: X.mean(0), nbytes, is_baseline=True),
-        Case("robust", "matmul_XXt", lambda: X @ X.T, nbytes, is_baseline=True),
-        Case("robust", "torch_sort_trimmed_mean", lambda: torch.sort(X, 0).values[cfg.f : cfg.n - cfg.f].mean(0), nbytes,
-             baseline="torch_mean"),
-    ]
-
-    # CPU floors are ratios to torch's mean; GPU floors to a device copy of the same bytes (issue 4)
-    per_coord_base = "copy" if cfg.device.startswith("cuda") else "torch_mean"
-    for b in _backends_for(cfg.device):
-        out += [
-            Case("robust", "mean", with_backend(b, lambda: tp.mean(X)), nbytes, b, baseline=per_coord_base),
-            Case("robust", "trimmed_mean", with_backend(b, lambda: tp.trimmed_mean(X, f=cfg.f)), nbytes, b,
-                 baseline=per_coord_base),
-            Case("robust", "trimmed_mean", with_backend(b, lambda: tp.trimmed_mean(Xb, f=cfg.f)), nbytes // 2, b, "bfloat16",
-                 baseline=f"trimmed_mean:{b}:float32"),
-            Case("robust", "median", with_backend(b, lambda: tp.median(X)), nbytes, b, baseline=per_coord_base),
-            Case("robust", "krum", with_backend(b, lambda: tp.krum(X, f=cfg.f)), nbytes, b, baseline="matmul_XXt"),
-            Case("robust", "multi_krum", with_backend(b, lambda: tp.multi_krum(X, f=cfg.f, m=cfg.n - cfg.f)), nbytes, b,
-                 baseline="matmul_XXt"),
-            Case("robust", "bulyan", with_backend(b, lambda: tp.bulyan(X, f=min(cfg.f, (cfg.n - 3) // 4))), nbytes, b,
-                 baseline="matmul_XXt"),
-        ]
-    return out
-
-
-# The issues' speed floors for the robust family: (case, dtype, the most its ratio may be). On a
-# GPU the per-coordinate ratios are to a copy that reads the same bytes (and writes them): reading
-# at >= 80% of the copy's read rate is a ratio <= 1.25, >= 90% is <= 1.11.
-# Compression (issue 5): encode and decode at >= 50% of the copy's bandwidth is a ratio <= 1.25 to
-# the copy (5 d bytes moved against the copy's 8 d); the fused int8 trimmed mean <= 1.3x float32's.
-FLOORS = {"cpu": [("trimmed_mean", "float32", 2.0), ("median", "float32", 2.5), ("krum", "float32", 1.5),
-                  ("trimmed_mean", "bfloat16", 0.6), ("quantize_int8", "float32", 1.25),
-                  ("dequantize_int8", "float32", 1.25), ("decode_int8_into", "float32", 1.25),
-                  ("fused_int8_trimmed_mean", "int8", 1.3)],
-          "cuda": [("trimmed_mean", "float32", 1.25), ("median", "float32", 1.25), ("mean", "float32", 1.11),
-                   ("krum", "float32", 1.3)]}
-EXTRA_FLOOR_PCT = {"trimmed_mean": 10.0, "median": 10.0, "krum": 10.0}
-
-
-def check_floors(rows: list[Row], device: str = "cpu") -> list[str]:
-    """One line per floor and per backend: the measured ratio (or extra memory) against its bar."""
-    lines = []
-    for r in rows:
-        for name, dtype, bar in FLOORS["cuda" if device.startswith("cuda") else "cpu"]:
-            if r.name == name and r.dtype == dtype and r.ratio is not None:
-                verdict = "ok" if r.ratio <= bar else "ABOVE"
-                lines.append(f"  {name} {dtype} [{r.backend}]: {r.ratio:.2f}x {r.baseline} (floor {bar}x) {verdict}")
-        if r.name in EXTRA_FLOOR_PCT and r.extra_pct is not None and r.dtype == "float32":
-            bar = EXTRA_FLOOR_PCT[r.name]
-            verdict = "ok" if r.extra_pct <= bar else "ABOVE"
-            lines.append(f"  {r.name} extra memory [{r.backend}]: {r.extra_pct:.2f}% of the input (floor {bar}%) {verdict}")
-    return lines
 
 
 def run_bench(cfg: Config, families: list[str]) -> list[Row]:
     rows: list[Row] = []
     for fam in families:
-        try:
-            module = importlib.import_module(FAMILIES[fam])
-        except ModuleNotFoundError as exc:
-            print(f"[{fam}] skipped: {exc}")
-            continue
+        module = importlib.import_module(f"tapestry.bench.{fam}")
         if hasattr(module, "rows"):  # a family that times itself (several processes)
             for row in module.rows(cfg):
                 rows.append(row)
-                print(_format(row), flush=True)
+                print(format_row(row), flush=True)
             continue
         fam_cases = module.cases(cfg)
         done: list[Case] = []
@@ -362,13 +287,13 @@ def run_bench(cfg: Config, families: list[str]) -> list[Row]:
             elif copy_gbps:
                 row.bw_pct = 100 * gbps / copy_gbps
             rows.append(row)
-            print(_format(rows[-1]), flush=True)
+            print(format_row(rows[-1]), flush=True)
         del fam_cases
         gc.collect()
     return rows
 
 
-def _format(r: Row) -> str:
+def format_row(r: Row) -> str:
     ratio = f"{r.ratio:6.2f}x {r.baseline}" if r.ratio is not None else "baseline"
     extra = f"{r.extra_mib:8.1f} {r.extra_pct:5.1f}%" if r.extra_mib is not None and r.extra_pct is not None else \
         f"{r.extra_mib:8.1f}       " if r.extra_mib is not None else "       -       "
@@ -376,41 +301,3 @@ def _format(r: Row) -> str:
     notes = f"   bytes sent {r.notes['bytes_sent']:,} ({r.notes['bytes_vs_ring']:.3f}x a float32 ring)" \
         if "bytes_sent" in r.notes else ""
     return f"{r.family:12s} {r.name:26s} {r.backend:9s} {r.dtype:9s} {r.ms:10.2f} {r.gbps:8.2f} {bw} {extra}   {ratio}{notes}"
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    from .cli_args import int_in
-
-    parser.add_argument("--quick", action="store_true", help="small sizes (d = 2^20), a few repeats: a smoke run")
-    parser.add_argument("--n", type=int_in(1, 4096), default=None, help="clients (default 32)")
-    parser.add_argument("--d", type=int_in(1, 1 << 31), default=None, help="parameters (default 4,194,304; 2^26 on CUDA)")
-    parser.add_argument("--f", type=int_in(0, 2047), default=8, help="Byzantine clients tolerated (default 8)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--repeat", type=int_in(1, 10_000), default=None, help="timed runs per case (median reported)")
-    parser.add_argument("--family", action="append", choices=list(FAMILIES), help="only these families (repeatable)")
-    parser.add_argument("--json", metavar="FILE", help="write the rows and the machine description as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    _glibc(TIMING_MMAP_THRESHOLD)  # fixed allocator settings for the whole run (see _glibc)
-    default_d = 1 << 26 if args.device.startswith("cuda") else 4_194_304
-    cfg = Config(n=args.n or 32, d=args.d or (1 << 20 if args.quick else default_d), f=args.f, device=args.device,
-                 repeat=args.repeat or (3 if args.quick else 7), quick=args.quick)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU visible to torch")
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "torch_threads": torch.get_num_threads(), "device": args.device,
-               "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None}
-    print(f"tapestry bench: n={cfg.n} d={cfg.d} f={cfg.f} device={cfg.device} repeat={cfg.repeat} "
-          f"threads={machine['torch_threads']}")
-    print(f"{'family':12s} {'case':26s} {'backend':9s} {'dtype':9s} {'ms':>10s} {'GB/s':>8s} {'bw%':>6s} "
-          f"{'extraMiB':>8s} {'extra':>6s}   ratio")
-    rows = run_bench(cfg, args.family or list(FAMILIES))
-    floors = check_floors(rows, cfg.device)
-    if floors:
-        print(f"speed and memory floors (n={cfg.n}, d={cfg.d}, f={cfg.f}; bars hold for n=32, d=4194304, f=8):")
-        print("\n".join(floors))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"config": asdict(cfg), "machine": machine, "rows": [asdict(r) for r in rows]}, fh, indent=2)
-    return 0

@@ -20,37 +20,37 @@ import os
 import torch
 
 from .. import _native
-from ..bench import Case, Config, one_thread as _one_thread
+from .harness import Case, Config, one_thread
 
 
 def cases(cfg: Config) -> list[Case]:
     if cfg.device != "cpu":
         return []
     from ..secure.prg import chacha20_keystream
-    from .distributed import DistributedDP, plan
-    from .rotation import padded, sign_words
-    from .samplers import sample_discrete_gaussian, sample_skellam
+    from ..privacy.distributed import DistributedDP, plan
+    from ..privacy.rotation import padded, sign_words
+    from ..privacy.samplers import sample_discrete_gaussian, sample_skellam
 
     C = _native.require("_C")
     D = padded(cfg.d) if cfg.quick else 1 << 24
     x = torch.randn(D)
     y = torch.empty_like(x)
     signs = sign_words(1, D)
-    out = [Case("privacy", f"copy_{D}", _one_thread(lambda: y.copy_(x)), 4 * D, is_baseline=True)]
+    out = [Case("privacy", f"copy_{D}", one_thread(lambda: y.copy_(x)), 4 * D, is_baseline=True)]
 
     def fwht():
         y.copy_(x)  # the transform is in place: start from the same data each time
         C.dp_fwht(y.data_ptr(), D, signs.data_ptr(), 1 / math.sqrt(D))
-    out.append(Case("privacy", "fwht_plus_copy", _one_thread(fwht), 4 * D, "cpu", baseline=f"copy_{D}"))
+    out.append(Case("privacy", "fwht_plus_copy", one_thread(fwht), 4 * D, "cpu", baseline=f"copy_{D}"))
     n = 1 << (16 if cfg.quick else 20)
     _, words = sample_discrete_gaussian(100.0, n, seed=0, return_words=True)
     key, nonce = os.urandom(32), os.urandom(12)
-    out.append(Case("privacy", "chacha20_words", _one_thread(lambda: chacha20_keystream(key, nonce, 0, words)), 8 * n,
+    out.append(Case("privacy", "chacha20_words", one_thread(lambda: chacha20_keystream(key, nonce, 0, words)), 8 * n,
                     "cpu", "int64", is_baseline=True))
-    out.append(Case("privacy", f"discrete_gaussian_s2=100[{words / n:.2f} words/draw]", _one_thread(
+    out.append(Case("privacy", f"discrete_gaussian_s2=100[{words / n:.2f} words/draw]", one_thread(
         lambda: sample_discrete_gaussian(100.0, n, seed=0)), 8 * n, "cpu", "int64", baseline="chacha20_words"))
     _, sw = sample_skellam(2.0, n // 4, seed=0, return_words=True)
-    out.append(Case("privacy", f"skellam_mu=2_quarter[{4 * sw / n:.2f} words/draw]", _one_thread(
+    out.append(Case("privacy", f"skellam_mu=2_quarter[{4 * sw / n:.2f} words/draw]", one_thread(
         lambda: sample_skellam(2.0, n // 4, seed=0)), 2 * n, "cpu", "int64", baseline="chacha20_words"))
     dc = n  # client path size (2^20; 2^16 with --quick)
     p = plan(n=100, d=dc, clip=1.0, noise_multiplier=1.0, bits=20)
@@ -58,13 +58,13 @@ def cases(cfg: Config) -> list[Case]:
     u = torch.randn(dc)
     seeds, sg = [os.urandom(32) for _ in range(9)], [1] + [1 if i % 2 else -1 for i in range(8)]
     xc, yc = torch.randn(dc), torch.empty(dc)
-    out.append(Case("privacy", f"copy_{dc}", _one_thread(lambda: yc.copy_(xc)), 4 * dc, is_baseline=True))
-    out.append(Case("privacy", "dg_sampler_client_size", _one_thread(
+    out.append(Case("privacy", f"copy_{dc}", one_thread(lambda: yc.copy_(xc)), 4 * dc, is_baseline=True))
+    out.append(Case("privacy", "dg_sampler_client_size", one_thread(
         lambda: sample_discrete_gaussian(p.local_var, p.D, seed=1)), 4 * dc, "cpu", "int64", is_baseline=True))
-    out.append(Case("privacy", "client_path_k8", _one_thread(
+    out.append(Case("privacy", "client_path_k8", one_thread(
         lambda: dp.encode(u, client=0, rnd=1, mask_seeds=seeds, mask_signs=sg)), 4 * dc, "cpu",
         baseline=f"copy_{dc}"))
-    out.append(Case("privacy", "client_path_k8_vs_sampler", _one_thread(
+    out.append(Case("privacy", "client_path_k8_vs_sampler", one_thread(
         lambda: dp.encode(u, client=0, rnd=1, mask_seeds=seeds, mask_signs=sg)), 4 * dc, "cpu",
         baseline="dg_sampler_client_size"))
     return out

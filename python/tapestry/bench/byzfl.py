@@ -40,7 +40,7 @@ def _round(n: int, d: int, f: int, seed: int) -> torch.Tensor:
 
 def cases(cfg):
     import tapestry as tp
-    from tapestry.bench import Case
+    from .harness import Case
 
     d = 1 << 16 if cfg.quick else 1 << 20
     n, f = 16, 4
