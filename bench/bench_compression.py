@@ -9,9 +9,9 @@ noisy shared machine slows both sides alike:
 * ``encode``/``decode`` of one float32 update (public API, int8 stochastic and nearest, int4) vs
   ``dst.copy_(x)`` of the same update into a preallocated buffer. Bandwidth counts bytes read
   plus written (copy: 8 d; int8 encode and decode: 5 d + scales), and ``bw`` is the row's
-  bandwidth over the copy's in the same pair: the issue asks >= 50% for int8.
+  bandwidth over the copy's in the same pair: the bar is >= 50% for int8.
 * fused ``compression.aggregate`` over ``n`` int8 payloads vs the same rule on the already-decoded
-  ``(n, d)`` float32 updates (``time ratio`` = fused / float32; the issue asks <= 1.3 for the
+  ``(n, d)`` float32 updates (``time ratio`` = fused / float32; the bar is <= 1.3 for the
   trimmed mean).
 """
 

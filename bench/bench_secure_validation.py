@@ -1,4 +1,4 @@
-"""What validating hostile input costs in a secure-sum round (issue 13: at most 10% of a round,
+"""What validating hostile input costs in a secure-sum round (the bar: at most 10% of a round,
 n = 100, d = 10^6, k = 8).
 
 Runs whole in-process rounds (``simulate_round``, 10% dropouts after sharing) and times every

@@ -2,7 +2,7 @@
 ``pytest bench/bench_robust.py``; add ``--benchmark-json FILE`` to keep the numbers).
 
 Sizes come from the command line (``--bench-n``, ``--bench-d``, ``--bench-f``; default n = 32,
-d = 4,194,304, f = 8, the issue's setting) so that a quick run can use a smaller ``d``.
+d = 4,194,304, f = 8, the setting the speed bars are stated for) so that a quick run can use a smaller ``d``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every CLI number is validated with an `error:` line naming the flag and its range (issue 13);
+"""Every CLI number is validated with an `error:` line naming the flag and its range;
 optional dependencies are checked before any work."""
 
 import os

@@ -1,4 +1,4 @@
-"""Issue 18: TapestryStrategy as a drop-in for Flower's strategies (message API): any array dtype
+"""TapestryStrategy as a drop-in for Flower's strategies (message API): any array dtype
 and shape, Flower's parameter names, weights where Flower weights, rounds the rule cannot take,
 the decisions in the round's metrics; and a BatchNorm CNN and a 20-round dropout run through
 Flower's own server loop."""
@@ -304,7 +304,7 @@ def test_openmp_threads_spin_briefly_unless_the_user_chose():
 
 
 def test_small_model_benchmark_runs_with_its_own_background_load():
-    from tapestry.integrations.flower.bench_small import SHAPES, run
+    from tapestry.bench.flower import SHAPES, run
 
     assert sum(int(np.prod(s)) for s in SHAPES.values()) == 4810
     rows = {r["strategy"]: r for r in run(calls=3, load=True, warmup=1)}

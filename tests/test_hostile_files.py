@@ -1,4 +1,4 @@
-"""Hostile input files for `tapestry aggregate` (issue 13): clean errors naming the file, bounded
+"""Hostile input files for `tapestry aggregate`: clean errors naming the file, bounded
 memory, no hangs, no signals, no temporary files left behind."""
 
 import json

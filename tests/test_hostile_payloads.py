@@ -1,4 +1,4 @@
-"""Hostile compressed payloads (issue 13): every one is a PayloadError, memory stays bounded."""
+"""Hostile compressed payloads: every one is a PayloadError, memory stays bounded."""
 
 import random
 

@@ -1,4 +1,4 @@
-"""Hostile participants in a secure-sum round (issue 13): one client at a time misbehaves in a
+"""Hostile participants in a secure-sum round: one client at a time misbehaves in a
 round of 20; the round completes with the exact sum of the others (or, for misbehaviour after
 its masked input was accepted, of the survivors) and names the offender. Every case failed on
 the code before this suite (the round aborted, or the sum came out wrong with no error)."""

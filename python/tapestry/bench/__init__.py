@@ -6,6 +6,8 @@
   :mod:`.collective`, :mod:`.byzfl`, :mod:`.privacy`), each importing only the harness and the
   library;
 * :mod:`.floors`: the bars rows are checked against, with what each means;
+* :mod:`.flower`: call latency of TapestryStrategy against Flower's strategies on a small model
+  under background load (``python -m tapestry.bench.flower``: percentiles, not throughput);
 * :mod:`.cli`: the command (``tapestry bench``; ``--device cuda`` on a GPU machine).
 
 The pytest-benchmark suites in the repository's ``bench/`` time the same cases.

@@ -15,7 +15,7 @@ from .harness import Case, Config, backends_for, with_backend
 
 
 def cases(cfg: Config) -> list[Case]:
-    """The robust-aggregation family: the issue's headline rules at n, d, f of ``cfg``."""
+    """The robust-aggregation family: mean, trimmed mean, median, Krum, Multi-Krum, Bulyan at n, d, f of ``cfg``."""
     import tapestry as tp
 
     g = torch.Generator().manual_seed(cfg.seed)
