@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         print(f"{name:34s} {t_ours * 1e3:9.2f} ms {nbytes / t_ours / 1e9:7.2f} GB/s | {base_name:22s} "
               f"{t_base * 1e3:9.2f} ms | {ratio:5.2f}x", flush=True)
 
-    print(f"secure bench: d={d} k={k} repeat={a.repeat} isa={C.chacha20_isa()} threads={threads} "
+    print(f"secure bench: d={d} k={k} repeat={a.repeat} isa={C.isa()} threads={threads} "
           f"cpu={platform.processor() or platform.machine()}")
     key, nonce = rng.bytes(32), rng.bytes(12)
     kw, nw = _words(key, 8, "key", "cpu"), _words(nonce, 3, "nonce", "cpu")
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     report(f"mask k={k}, 1 core", *paired(mask, flower, a.repeat), nbytes, "Flower RandomState")
     C.set_num_threads(threads)
     report(f"mask k={k}, {threads} threads", *paired(mask, flower, a.repeat), nbytes, "Flower RandomState")
-    result = {"machine": {"platform": platform.platform(), "isa": C.chacha20_isa(), "threads": threads},
+    result = {"machine": {"platform": platform.platform(), "isa": C.isa(), "threads": threads},
               "d": d, "k": k, "rows": rows}
     if not a.skip_round:
         n, dr = a.round_n, a.round_d

@@ -14,7 +14,7 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu/quant_api.h"
+#include "cpu/kernels.h"
 
 static bool read_exact(void* dst, size_t n) { return fread(dst, 1, n, stdin) == n; }
 
@@ -65,12 +65,12 @@ int main() {
         for (int codec : {op == 1 ? 0 : 1, 2, 3}) {
             const int64_t mv = codec >= 2 ? int64_t(qlen / 2) : int64_t(m);
             for (int64_t n : {3, 6}) {
-                tapestry::weighted_mean_quantized(codes, scales6, codec, int64_t(block), n, mv, w, out);
+                tapestry::weighted_mean_encoded(codes, scales6, codec, int64_t(block), n, mv, w, out);
                 double G[36];
-                tapestry::gram_quantized(codes, scales6, codec, int64_t(block), n, mv, G);
-                tapestry::trimmed_mean_quantized(codes, scales6, codec, int64_t(block), n, mv, 1, out);
-                tapestry::coord_median_quantized(codes, scales6, codec, int64_t(block), n, mv, out);
-                tapestry::mean_around_median_quantized(codes, scales6, codec, int64_t(block), n, mv, rows, n / 2, 1,
+                tapestry::gram_encoded(codes, scales6, codec, int64_t(block), n, mv, G);
+                tapestry::trimmed_mean_encoded(codes, scales6, codec, int64_t(block), n, mv, 1, out);
+                tapestry::coord_median_encoded(codes, scales6, codec, int64_t(block), n, mv, out);
+                tapestry::mean_around_median_encoded(codes, scales6, codec, int64_t(block), n, mv, rows, n / 2, 1,
                                                        out);
                 for (int64_t j = 0; j < mv; ++j) sink = sink + out[j];
             }

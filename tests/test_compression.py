@@ -103,7 +103,7 @@ def test_dequantize_matches_reference_on_row_ranges(backend, codec):
             assert torch.equal(got[i], want), f"row {i} [{start}, {stop}): {_first_mismatch(got[i], want)}"
 
 
-def _quantized_rows(n: int, d: int, codec: str, block: int, seed: int = 0):
+def _encoded_rows(n: int, d: int, codec: str, block: int, seed: int = 0):
     """Payload rows (values, scales) of n clients with awkward content: per-row scales spanning
     2^40, exact ties across rows, a huge common component; hostile values: int8 code -128, scales
     near float32's max (whose products overflow to +-Inf, as decode gives them), and NaN/Inf in
@@ -129,9 +129,9 @@ def _quantized_rows(n: int, d: int, codec: str, block: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("codec", ["int8", "int4", "fp16", "bf16"])
-@pytest.mark.parametrize("isa", [2, 1, 0], ids=["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 def test_fused_select_kernels_match_the_reference_bit_for_bit(codec, isa):
-    """The cpu backend's *_quantized ops (decode a tile inside the op) equal the reference (decode
+    """The cpu backend's *_encoded ops (decode a tile inside the op) equal the reference (decode
     every row, then the op) bit for bit: register path (n <= 32) and tile path (n > 32),
     tile-straddling and odd d, blocks that straddle tiles and groups of lanes."""
     from tapestry import _native
@@ -141,14 +141,14 @@ def test_fused_select_kernels_match_the_reference_bit_for_bit(codec, isa):
     try:
         for n, d, block in [(1, 1, 2), (2, 7, 2), (5, 257, 6), (9, 1000, 4096), (32, 2053, 256), (33, 777, 100),
                             (40, 513, 64)]:
-            qs, ss = _quantized_rows(n, d, codec, block, seed=n)
+            qs, ss = _encoded_rows(n, d, codec, block, seed=n)
             rows = torch.arange(n - 1, -1, -2)
             k = max(1, rows.numel() // 2)
             w = torch.rand(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
             w[::3] = 0  # zero-weight rows are not read
-            cases = [("weighted_mean_quantized", (w / w.sum() if w.sum() else w,)),
-                     ("trimmed_mean_quantized", ((n - 1) // 2,)), ("trimmed_mean_quantized", (0,)),
-                     ("coord_median_quantized", ()), ("mean_around_median_quantized", (rows, k))]
+            cases = [("weighted_mean_encoded", (w / w.sum() if w.sum() else w,)),
+                     ("trimmed_mean_encoded", ((n - 1) // 2,)), ("trimmed_mean_encoded", (0,)),
+                     ("coord_median_encoded", ()), ("mean_around_median_encoded", (rows, k))]
             for op, args in cases:
                 want = getattr(R, op)(qs, ss, codec, block, d, *args)
                 with ops.backend("cpu"):
@@ -159,16 +159,16 @@ def test_fused_select_kernels_match_the_reference_bit_for_bit(codec, isa):
             # the Gram kernel is not bit-equal to the float64 reference (float32 products, see
             # gram.cpp), but decoding inside it must not change one bit of what it computes
             with ops.backend("cpu"):
-                G = ops.call("gram_quantized", qs, ss, codec, block, d, device="cpu")
+                G = ops.call("gram_encoded", qs, ss, codec, block, d, device="cpu")
                 G_dense = ops.call("gram", R._dequantized(qs, ss, codec, block, d))
             torch.testing.assert_close(G, G_dense, rtol=0, atol=0, equal_nan=True)
     finally:
-        C.set_isa(-1)
+        C.set_isa("best")
 
 
 def test_fused_select_kernels_check_their_inputs():
-    qs, ss = _quantized_rows(3, 100, "int8", 10)
-    call = lambda *a: ops.call("trimmed_mean_quantized", *a, device="cpu")
+    qs, ss = _encoded_rows(3, 100, "int8", 10)
+    call = lambda *a: ops.call("trimmed_mean_encoded", *a, device="cpu")
     with ops.backend("cpu"):
         with pytest.raises(ValueError, match="row 2 needs 100 contiguous 1-byte int8 values"):
             call(qs[:2] + [qs[2][:99]], ss, "int8", 10, 100, 1)
@@ -557,28 +557,34 @@ def test_fused_aggregate_peak_memory_is_about_one_update():
 
 def test_fresh_codec_buffers_ask_for_huge_pages():
     """Large fresh outputs (payloads, decoded updates) are advised onto transparent huge pages
-    (tapestry._pages): with THP in madvise or always mode, filling one raises AnonHugePages."""
+    (tapestry._pages): the mapping behind a fresh 64 MiB tensor carries MADV_HUGEPAGE ("hg" in its
+    VmFlags). Whether the kernel then finds free huge pages depends on the machine's memory
+    fragmentation, not on us, so AnonHugePages is not asserted."""
     from tapestry import _pages
 
     try:
         mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-        open("/proc/self/smaps_rollup").read()
+        open("/proc/self/smaps").close()
     except OSError:
-        pytest.skip("no transparent huge pages or smaps_rollup on this system")
+        pytest.skip("no transparent huge pages or /proc/self/smaps on this system")
     if "[never]" in mode:
         pytest.skip("transparent huge pages are disabled on this system")
 
-    def huge_kib():
-        for line in open("/proc/self/smaps_rollup"):
-            if line.startswith("AnonHugePages:"):
-                return int(line.split()[1])
-        return 0
+    def vm_flags(address: int) -> list[str]:
+        inside = False
+        for line in open("/proc/self/smaps"):
+            head = line.split()
+            if "-" in head[0] and ":" not in head[0]:  # a mapping's first line: start-end perms ...
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                inside = lo <= address < hi
+            elif inside and head[0] == "VmFlags:":
+                return head[1:]
+        raise AssertionError(f"no mapping holds address {address:#x}")
 
-    before = huge_kib()
     t = _pages.empty(16 << 20)  # 64 MiB
     t.fill_(1.0)
+    assert "hg" in vm_flags(t.data_ptr() + (8 << 20)), "no MADV_HUGEPAGE on a fresh 64 MiB tensor"
     payload = _pages.empty_bytes(32 << 20)
     assert type(payload) is bytes and len(payload) == 32 << 20 and payload[:4] == bytes(4)
-    assert huge_kib() - before >= 32 << 10, "no huge pages behind a fresh 64 MiB tensor"
     assert float(t.sum()) == 16 << 20
     _pages.advise_huge_pages(12345, 3)  # odd or tiny ranges are ignored, never an error

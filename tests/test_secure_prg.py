@@ -20,7 +20,7 @@ RFC_KEY = bytes(range(32))
 
 def _backend_params():
     params = [pytest.param(("reference", None), id="reference")]
-    for isa in ("scalar", "avx2", "avx512"):
+    for isa in ("portable", "avx2", "avx512"):
         params.append(pytest.param(("cpu", isa), id=f"cpu-{isa}"))
     params.append(pytest.param(("triton", None), id="triton"))
     params.append(pytest.param(("cuda", None), id="cuda", marks=pytest.mark.gpu))
@@ -38,14 +38,14 @@ def backend(request):
         pytest.skip(reason)
     C = _native.require("_C")
     if isa is not None:
-        got = C.chacha20_set_isa(isa)
+        got = C.set_isa(isa)
         if got != isa:
-            C.chacha20_set_isa("best")
+            C.set_isa("best")
             pytest.skip(f"this CPU lacks {isa} (best path: {got})")
     device = "cuda" if name == "cuda" else "cpu"
     with ops.backend(name):
         yield name, device
-    C.chacha20_set_isa("best")
+    C.set_isa("best")
 
 
 def openssl_words(key: bytes, nonce: bytes, offset: int, count: int) -> np.ndarray:

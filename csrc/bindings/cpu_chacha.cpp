@@ -29,7 +29,4 @@ void bind_chacha(py::module_& m) {
           },
           py::arg("out"), py::arg("in"), py::arg("count"), py::arg("keys"), py::arg("signs"), py::arg("nkeys"),
           py::arg("nonce"), py::arg("offset"));
-    m.def("chacha20_isa", [] { return std::string(tapestry::chacha20_isa()); });
-    m.def("chacha20_set_isa", [](const std::string& name) { return std::string(tapestry::chacha20_set_isa(name.c_str())); },
-          "use at most this SIMD path: scalar, avx2, avx512 or best (for tests)");
 }

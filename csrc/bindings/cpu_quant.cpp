@@ -7,7 +7,7 @@
 
 namespace py = pybind11;
 
-#include "cpu/quant_api.h"
+#include "cpu/kernels.h"
 
 template <typename T>
 static std::vector<const T*> ptrs(const std::vector<uintptr_t>& v) {

@@ -5,21 +5,13 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
-#include "cpu/quant_api.h"
+#include "cpu/kernels.h"
 #include "cpu/simd.h"
 
 namespace py = pybind11;
-
-namespace tapestry {
-void weighted_mean(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, const double* w, float* out);
-void trimmed_mean(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, int64_t f, float* out);
-void coord_median(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, float* out);
-void mean_around_median(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, const int64_t* rows,
-                        int64_t m, int64_t k, float* out);
-void gram(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, double* G);
-}  // namespace tapestry
 
 template <class T>
 static T* ptr(uintptr_t p) {
@@ -71,46 +63,51 @@ void bind_robust(py::module_& m) {
           },
           nogil, "float64 Gram matrix of the rows after a per-column shift (first finite value)");
     using Ptrs = const std::vector<uintptr_t>&;
-    m.def("weighted_mean_quantized",
+    m.def("weighted_mean_encoded",
           [](Ptrs codes, Ptrs scales, int codec, int64_t block, int64_t d, uintptr_t w, uintptr_t out) {
               QuantArgs q(codes, scales);
               py::gil_scoped_release nogil;
-              weighted_mean_quantized(q.codes.data(), q.scales.data(), codec, block, q.n(), d, ptr<const double>(w),
+              weighted_mean_encoded(q.codes.data(), q.scales.data(), codec, block, q.n(), d, ptr<const double>(w),
                                       ptr<float>(out));
           },
           "weighted_mean of n payload rows ([codes_ptr]*n, [scales_ptr]*n, codec, block, d, w_ptr, out_ptr)");
-    m.def("gram_quantized",
+    m.def("gram_encoded",
           [](Ptrs codes, Ptrs scales, int codec, int64_t block, int64_t d, uintptr_t G) {
               QuantArgs q(codes, scales);
               py::gil_scoped_release nogil;
-              gram_quantized(q.codes.data(), q.scales.data(), codec, block, q.n(), d, ptr<double>(G));
+              gram_encoded(q.codes.data(), q.scales.data(), codec, block, q.n(), d, ptr<double>(G));
           },
           "gram of n payload rows ([codes_ptr]*n, [scales_ptr]*n, codec, block, d, G_ptr)");
-    m.def("trimmed_mean_quantized",
+    m.def("trimmed_mean_encoded",
           [](Ptrs codes, Ptrs scales, int codec, int64_t block, int64_t d, int64_t f, uintptr_t out) {
               QuantArgs q(codes, scales);
               py::gil_scoped_release nogil;
-              trimmed_mean_quantized(q.codes.data(), q.scales.data(), codec, block, q.n(), d, f, ptr<float>(out));
+              trimmed_mean_encoded(q.codes.data(), q.scales.data(), codec, block, q.n(), d, f, ptr<float>(out));
           },
           "trimmed_mean of n payload rows ([codes_ptr]*n, [scales_ptr]*n, codec, block, d, f, out_ptr)");
-    m.def("coord_median_quantized",
+    m.def("coord_median_encoded",
           [](Ptrs codes, Ptrs scales, int codec, int64_t block, int64_t d, uintptr_t out) {
               QuantArgs q(codes, scales);
               py::gil_scoped_release nogil;
-              coord_median_quantized(q.codes.data(), q.scales.data(), codec, block, q.n(), d, ptr<float>(out));
+              coord_median_encoded(q.codes.data(), q.scales.data(), codec, block, q.n(), d, ptr<float>(out));
           },
           "coord_median of n payload rows ([codes_ptr]*n, [scales_ptr]*n, codec, block, d, out_ptr)");
-    m.def("mean_around_median_quantized",
+    m.def("mean_around_median_encoded",
           [](Ptrs codes, Ptrs scales, int codec, int64_t block, int64_t d, uintptr_t rows, int64_t m, int64_t k,
              uintptr_t out) {
               QuantArgs q(codes, scales);
               py::gil_scoped_release nogil;
-              mean_around_median_quantized(q.codes.data(), q.scales.data(), codec, block, q.n(), d,
+              mean_around_median_encoded(q.codes.data(), q.scales.data(), codec, block, q.n(), d,
                                            ptr<const int64_t>(rows), m, k, ptr<float>(out));
           },
           "mean_around_median over the given rows of n payload rows");
-    m.def("set_isa", [](int isa) { simd::isa_cap() = isa; },
-          "cap the SIMD path used by the robust kernels: 0 portable, 1 avx2, 2 avx512, -1 best available");
+    m.def("set_isa",
+          [](const std::string& name) {
+              if (!simd::set_isa(name.c_str()))
+                  throw std::invalid_argument("set_isa: '" + name + "' is not portable, avx2, avx512 or best");
+              return std::string(simd::isa_name(simd::active()));
+          },
+          "cap the SIMD path of every kernel (portable, avx2, avx512; best lifts the cap); returns the path in use");
     m.def("isa", []() { return std::string(simd::isa_name(simd::active())); },
-          "the SIMD path the robust kernels use now");
+          "the SIMD path the kernels use now");
 }

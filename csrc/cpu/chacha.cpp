@@ -8,6 +8,7 @@
 // block-aligned chunks of CHUNK words so that, when several keystreams are combined into one
 // update, the update's chunk stays in L1/L2 while every key is applied to it.
 #include "chacha.h"
+#include "simd.h"
 
 #include <immintrin.h>
 // gcc 12 warns inside its own _mm512_set1 intrinsics
@@ -15,7 +16,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 
 namespace tapestry {
@@ -25,25 +25,8 @@ constexpr uint32_t kSigma[4] = {0x61707865u, 0x3320646eu, 0x79622d32u, 0x6b20657
 constexpr int64_t kChunk = 4096;  // words per parallel work item (16 KiB), a multiple of 16
 
 enum Mode { kStore = 0, kAdd = 1, kSub = 2 };
-enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
-std::atomic<int> g_isa{-1};
-
-int detect_isa() {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return kAvx512;
-    if (__builtin_cpu_supports("avx2")) return kAvx2;
-    return kScalar;
-}
-
-int active_isa() {
-    int isa = g_isa.load(std::memory_order_relaxed);
-    if (isa < 0) {
-        isa = detect_isa();
-        g_isa.store(isa, std::memory_order_relaxed);
-    }
-    return isa;
-}
+using simd::kAvx2;
+using simd::kAvx512;
 
 inline uint32_t rotl(uint32_t v, int c) { return (v << c) | (v >> (32 - c)); }
 
@@ -98,7 +81,7 @@ int64_t blocks_scalar(uint32_t* dst, const uint32_t* key, const uint32_t* nonce,
     c = _mm256_add_epi32(c, d); b = _mm256_xor_si256(b, c); b = ROTV2(b, 7);
 
 template <int MODE>
-__attribute__((target("avx2"))) inline void put8(uint32_t* p, __m256i v) {
+TAPESTRY_AVX2 inline void put8(uint32_t* p, __m256i v) {
     __m256i* q = reinterpret_cast<__m256i*>(p);
     if (MODE == kStore) _mm256_storeu_si256(q, v);
     else if (MODE == kAdd) _mm256_storeu_si256(q, _mm256_add_epi32(_mm256_loadu_si256(q), v));
@@ -106,7 +89,7 @@ __attribute__((target("avx2"))) inline void put8(uint32_t* p, __m256i v) {
 }
 
 template <int MODE>
-__attribute__((target("avx2"))) int64_t blocks_avx2(uint32_t* dst, const uint32_t* key, const uint32_t* nonce,
+TAPESTRY_AVX2 int64_t blocks_avx2(uint32_t* dst, const uint32_t* key, const uint32_t* nonce,
                                                     uint32_t b, int64_t nb) {
     // byte shuffles that rotate each 32-bit lane left by 16 and by 8
     const __m256i r16 = _mm256_setr_epi8(2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13,
@@ -163,14 +146,14 @@ __attribute__((target("avx2"))) int64_t blocks_avx2(uint32_t* dst, const uint32_
     c = _mm512_add_epi32(c, d); b = _mm512_rol_epi32(_mm512_xor_si512(b, c), 7);
 
 template <int MODE>
-__attribute__((target("avx512f"))) inline void put16(uint32_t* p, __m512i v) {
+TAPESTRY_AVX512 inline void put16(uint32_t* p, __m512i v) {
     if (MODE == kStore) _mm512_storeu_si512(p, v);
     else if (MODE == kAdd) _mm512_storeu_si512(p, _mm512_add_epi32(_mm512_loadu_si512(p), v));
     else _mm512_storeu_si512(p, _mm512_sub_epi32(_mm512_loadu_si512(p), v));
 }
 
 template <int MODE>
-__attribute__((target("avx512f,avx2"))) int64_t blocks_avx512(uint32_t* dst, const uint32_t* key,
+TAPESTRY_AVX512 int64_t blocks_avx512(uint32_t* dst, const uint32_t* key,
                                                               const uint32_t* nonce, uint32_t b, int64_t nb) {
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     int64_t done = 0;
@@ -274,7 +257,7 @@ void for_chunks(uint64_t offset, int64_t count, Body body) {
 
 void chacha20_keystream(uint32_t* out, const uint32_t* key, const uint32_t* nonce, uint64_t offset, int64_t count) {
     if (count <= 0) return;
-    const int isa = active_isa();
+    const int isa = simd::active();
     for_chunks(offset, count, [&](uint64_t w0, uint64_t w1) {
         apply_range<kStore>(isa, out + (w0 - offset), key, nonce, w0, w1);
     });
@@ -283,7 +266,7 @@ void chacha20_keystream(uint32_t* out, const uint32_t* key, const uint32_t* nonc
 void chacha20_mask(uint32_t* out, const uint32_t* in, int64_t count, const uint32_t* keys, const int8_t* signs,
                    int64_t m, const uint32_t* nonce, uint64_t offset) {
     if (count <= 0) return;
-    const int isa = active_isa();
+    const int isa = simd::active();
     for_chunks(offset, count, [&](uint64_t w0, uint64_t w1) {
         uint32_t* dst = out + (w0 - offset);
         const size_t bytes = (size_t)(w1 - w0) * sizeof(uint32_t);
@@ -295,22 +278,6 @@ void chacha20_mask(uint32_t* out, const uint32_t* in, int64_t count, const uint3
             else apply_range<kSub>(isa, dst, keys + 8 * j, nonce, w0, w1);
         }
     });
-}
-
-const char* chacha20_isa() {
-    static const char* names[] = {"scalar", "avx2", "avx512"};
-    return names[active_isa()];
-}
-
-// Lower (or restore) the SIMD path, for tests of every path on one machine; returns the path used.
-const char* chacha20_set_isa(const char* name) {
-    const int best = detect_isa();
-    int want = best;
-    if (std::strcmp(name, "scalar") == 0) want = kScalar;
-    else if (std::strcmp(name, "avx2") == 0) want = kAvx2;
-    else if (std::strcmp(name, "avx512") == 0) want = kAvx512;
-    g_isa.store(std::min(want, best), std::memory_order_relaxed);
-    return chacha20_isa();
 }
 
 }  // namespace tapestry

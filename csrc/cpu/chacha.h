@@ -14,12 +14,4 @@ void chacha20_keystream(uint32_t* out, const uint32_t* key, const uint32_t* nonc
 void chacha20_mask(uint32_t* out, const uint32_t* in, int64_t count, const uint32_t* keys,
                    const int8_t* signs, int64_t m, const uint32_t* nonce, uint64_t offset);
 
-// Which SIMD path runs on this CPU: "avx512", "avx2" or "scalar" (TAPESTRY_CHACHA_ISA may lower it).
-const char* chacha20_isa();
-
-}  // namespace tapestry
-
-namespace tapestry {
-// Use at most the named path ("scalar", "avx2", "avx512" or "best"); returns the path now in use.
-const char* chacha20_set_isa(const char* name);
 }  // namespace tapestry

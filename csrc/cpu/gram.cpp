@@ -28,7 +28,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "quant_api.h"
+#include "kernels.h"
 #include "quant_rows.h"
 #include "simd.h"
 
@@ -258,7 +258,7 @@ void gram(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, double
     run_gram({static_cast<const char*>(X), n, 0, d, stride * es, 0, dtype, nullptr}, G);
 }
 
-void gram_quantized(const void* const* codes, const float* const* scales, int codec, int64_t block, int64_t n, int64_t d,
+void gram_encoded(const void* const* codes, const float* const* scales, int codec, int64_t block, int64_t n, int64_t d,
                     double* G) {
     const QuantRows q{codes, scales, codec, block};
     run_gram({nullptr, n, 0, d, 0, 0, kFloat32, &q}, G);

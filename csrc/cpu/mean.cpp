@@ -10,7 +10,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "quant_api.h"
+#include "kernels.h"
 #include "quant_rows.h"
 #include "simd.h"
 #include "threads.h"
@@ -119,7 +119,7 @@ void weighted_mean(const void* X, int64_t n, int64_t d, int64_t stride, int dtyp
               nullptr});
 }
 
-void weighted_mean_quantized(const void* const* codes, const float* const* scales, int codec, int64_t block, int64_t n,
+void weighted_mean_encoded(const void* const* codes, const float* const* scales, int codec, int64_t block, int64_t n,
                              int64_t d, const double* w, float* out) {
     if (d <= 0) return;
     std::vector<int64_t> rows;

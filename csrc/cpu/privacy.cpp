@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "chacha.h"
+#include "simd.h"
 
 namespace tapestry {
 namespace {
@@ -151,17 +152,16 @@ int64_t run_chunks(int64_t* out, int64_t count, const uint32_t* key, uint32_t pu
 constexpr int64_t kBlock = int64_t(1) << 14;  // 64 KiB of floats: the in-block stages stay in L2
 constexpr int64_t kStrip = 64;                // columns per strip in the across-block stages
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void butterflies(float* __restrict a, float* __restrict b, int64_t m) {
+TAPESTRY_INLINE void butterflies_body(float* __restrict a, float* __restrict b, int64_t m) {
     for (int64_t j = 0; j < m; ++j) {
         float x = a[j], y = b[j];
         a[j] = x + y;
         b[j] = x - y;
     }
 }
+TAPESTRY_ISA_DISPATCH(butterflies, butterflies_body, (float* __restrict a, float* __restrict b, int64_t m), (a, b, m))
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void small_stages(float* x, int64_t n, int64_t hmax) {
+TAPESTRY_INLINE void small_stages_body(float* x, int64_t n, int64_t hmax) {
     // h = 1, 2: short vectors; do them as 4-point transforms.
     if (hmax >= 2) {
         for (int64_t i = 0; i + 4 <= n; i += 4) {
@@ -176,6 +176,7 @@ void small_stages(float* x, int64_t n, int64_t hmax) {
         }
     }
 }
+TAPESTRY_ISA_DISPATCH(small_stages, small_stages_body, (float* x, int64_t n, int64_t hmax), (x, n, hmax))
 
 void block_transform(float* x, int64_t n) {  // all stages inside a block of n <= kBlock
     small_stages(x, n, std::min<int64_t>(n / 2, 2));
@@ -183,14 +184,15 @@ void block_transform(float* x, int64_t n) {  // all stages inside a block of n <
         for (int64_t i = 0; i < n; i += 2 * h) butterflies(x + i, x + i + h, h);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void scale_signs(float* x, int64_t n, const uint32_t* signs, int64_t first, float scale) {
+TAPESTRY_INLINE void scale_signs_body(float* x, int64_t n, const uint32_t* signs, int64_t first, float scale) {
     for (int64_t j = 0; j < n; ++j) {
         int64_t i = first + j;
         uint32_t neg = signs ? (signs[i >> 5] >> (i & 31)) & 1u : 0u;
         x[j] = (neg ? -x[j] : x[j]) * scale;
     }
 }
+TAPESTRY_ISA_DISPATCH(scale_signs, scale_signs_body, (float* x, int64_t n, const uint32_t* signs, int64_t first, float scale),
+                      (x, n, signs, first, scale))
 
 }  // namespace
 

@@ -6,7 +6,7 @@
 // vectorises where it can. The SIMD code does exactly the scalar float32 operations lane by lane, so
 // every path gives identical bytes.
 #include "quant.h"
-#include "quant_api.h"
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -53,13 +53,12 @@ inline uint32_t abs_bits(float v) {
 bool has_avx2() { return simd::active() >= simd::kAvx2; }
 bool has_avx512() { return simd::active() >= simd::kAvx512; }
 
-#define TP_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2")))
 
 // u for the 32 elements j .. j + 31 (j even): 16 hashes r = mix32(pair ^ k0) ^ k1 of the pairs
 // j/2 .. j/2 + 15 (see quant::uniform). Read as 32 16-bit lanes the hashes are already in element
 // order (low half: even element, high half: odd), so a zero-extension gives the 16-bit integers of
 // elements j .. j + 15 and j + 16 .. j + 31.
-TP_AVX512_FN TAPESTRY_INLINE void uniform_x32(uint32_t j, uint32_t k0, __m512i vk0, __m512i vk1, __m512* ua, __m512* ub) {
+TAPESTRY_AVX512 TAPESTRY_INLINE void uniform_x32(uint32_t j, uint32_t k0, __m512i vk0, __m512i vk1, __m512* ua, __m512* ub) {
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const uint32_t base = j >> 1;
     const __m512i pair = _mm512_add_epi32(_mm512_set1_epi32(int32_t(base)), iota);
@@ -85,7 +84,7 @@ TP_AVX512_FN TAPESTRY_INLINE void uniform_x32(uint32_t j, uint32_t k0, __m512i v
 // floor(x * inv + u) for 16 values as int32 (masked-off lanes read as 0): the conversion rounds
 // toward -Inf itself. |x * inv + u| stays below 129 for a finite block (|x| <= absmax), far inside
 // int32; the clamp to [-qmax, qmax] comes after packing (see codes_x64).
-TP_AVX512_FN TAPESTRY_INLINE __m512i floor_x16(const float* x, __mmask16 k, __m512 u, __m512 inv) {
+TAPESTRY_AVX512 TAPESTRY_INLINE __m512i floor_x16(const float* x, __mmask16 k, __m512 u, __m512 inv) {
     // Two roundings, as in the scalar code. gcc contracts _mm512_add_ps(_mm512_mul_ps(..)) into an FMA
     // (AVX-512F has one, and -std=c++17 does not turn fp-contract off for C++); the explicit-rounding
     // forms are opaque builtins that it never fuses.
@@ -94,7 +93,7 @@ TP_AVX512_FN TAPESTRY_INLINE __m512i floor_x16(const float* x, __mmask16 k, __m5
     return _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
 }
 
-TP_AVX512_FN TAPESTRY_INLINE __mmask16 mask16(int64_t n) {  // the first min(max(n, 0), 16) lanes
+TAPESTRY_AVX512 TAPESTRY_INLINE __mmask16 mask16(int64_t n) {  // the first min(max(n, 0), 16) lanes
     return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
 }
 
@@ -102,7 +101,7 @@ TP_AVX512_FN TAPESTRY_INLINE __mmask16 mask16(int64_t n) {  // the first min(max
 // Saturating packs clamp floor(s) to [-128, 127], a byte max / min then to [-qmax, qmax]: the same
 // as the scalar clamp(floor(s)), since every bound is an integer.
 template <bool Int4>
-TP_AVX512_FN TAPESTRY_INLINE __m512i codes_x64(const float* xb, int64_t j, int64_t n, uint32_t pos, bool stochastic,
+TAPESTRY_AVX512 TAPESTRY_INLINE __m512i codes_x64(const float* xb, int64_t j, int64_t n, uint32_t pos, bool stochastic,
                                       uint32_t k0, __m512i vk0, __m512i vk1, __m512 vinv) {
     __m512 u0 = _mm512_set1_ps(0.5f), u1 = u0, u2 = u0, u3 = u0;
     if (stochastic) {
@@ -123,7 +122,7 @@ TP_AVX512_FN TAPESTRY_INLINE __m512i codes_x64(const float* xb, int64_t j, int64
 
 // Codes j .. j + n - 1 (n <= 64) of a block: int8 bytes, or nibble pairs (j even).
 template <bool Int4>
-TP_AVX512_FN TAPESTRY_INLINE void store_codes(uint8_t* out, int64_t j, int64_t n, __m512i q) {
+TAPESTRY_AVX512 TAPESTRY_INLINE void store_codes(uint8_t* out, int64_t j, int64_t n, __m512i q) {
     if (Int4) {
         __m512i w = _mm512_add_epi8(q, _mm512_set1_epi8(8));  // 16-bit lane p: nibble 2p low byte, 2p + 1 high
         __m256i packed = _mm512_cvtepi16_epi8(_mm512_or_si512(w, _mm512_srli_epi16(w, 4)));
@@ -144,7 +143,7 @@ TP_AVX512_FN TAPESTRY_INLINE void store_codes(uint8_t* out, int64_t j, int64_t n
 // 2p + 1; an odd last element gets the code 0 as its partner, which is what a masked-off lane
 // computes: floor(0 * inv + u) = 0 for u in [0, 1)).
 template <bool Int4>
-TP_AVX512_FN void quantize_block_avx512(const float* x, int64_t start, int64_t len, bool stochastic, uint32_t k0,
+TAPESTRY_AVX512 void quantize_block_avx512(const float* x, int64_t start, int64_t len, bool stochastic, uint32_t k0,
                                         uint32_t k1, uint8_t* out, float* scale_out) {
     const float qmax = Int4 ? 7.0f : 127.0f;
     const float* xb = x + start;
@@ -181,7 +180,7 @@ TP_AVX512_FN void quantize_block_avx512(const float* x, int64_t start, int64_t l
                           codes_x64<Int4>(xb, j, len - j, uint32_t(start + j), stochastic, k0, vk0, vk1, vinv));
 }
 
-__attribute__((target("avx2"))) inline __m256i mix32_x8(__m256i x) {
+TAPESTRY_AVX2 inline __m256i mix32_x8(__m256i x) {
     x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
     x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
     x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
@@ -191,7 +190,7 @@ __attribute__((target("avx2"))) inline __m256i mix32_x8(__m256i x) {
 
 // u for the 16 elements j .. j + 15 (j even): 8 hashes mix32(pair ^ k0) ^ k1 of the pairs j/2 .. j/2 + 7,
 // low halves to even elements and high halves to odd ones (see quant::uniform).
-__attribute__((target("avx2"))) inline void uniform_x16(uint32_t j, __m256i k0, __m256i k1, __m256* ua, __m256* ub) {
+TAPESTRY_AVX2 inline void uniform_x16(uint32_t j, __m256i k0, __m256i k1, __m256* ua, __m256* ub) {
     __m256i pair = _mm256_add_epi32(_mm256_set1_epi32(int32_t(j >> 1)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     __m256i r = _mm256_xor_si256(mix32_x8(_mm256_xor_si256(pair, k0)), k1);
     __m256i even = _mm256_and_si256(r, _mm256_set1_epi32(0xffff)), odd = _mm256_srli_epi32(r, 16);
@@ -202,7 +201,7 @@ __attribute__((target("avx2"))) inline void uniform_x16(uint32_t j, __m256i k0, 
 }
 
 // q for 8 consecutive values (int32 lanes).
-__attribute__((target("avx2"))) inline __m256i quant_x8(const float* x, __m256 u, __m256 inv, __m256 qmax) {
+TAPESTRY_AVX2 inline __m256i quant_x8(const float* x, __m256 u, __m256 inv, __m256 qmax) {
     __m256 t = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x), inv), u));  // no FMA: matches scalar
     t = _mm256_min_ps(_mm256_max_ps(t, _mm256_sub_ps(_mm256_setzero_ps(), qmax)), qmax);
     return _mm256_cvttps_epi32(t);
@@ -210,7 +209,7 @@ __attribute__((target("avx2"))) inline __m256i quant_x8(const float* x, __m256 u
 
 // One block of float32 values with AVX2: its scale and `len` codes in [-qmax, qmax] at qb (int8
 // codes, or int4 codes before packing); a non-finite block gets codes 0.
-__attribute__((target("avx2"))) void quantize_block_avx2(const float* x, int64_t start, int64_t len, float qmax,
+TAPESTRY_AVX2 void quantize_block_avx2(const float* x, int64_t start, int64_t len, float qmax,
                                                          bool stochastic, uint32_t k0, uint32_t k1, int8_t* qb,
                                                          float* scale_out) {
     const float* xb = x + start;
@@ -256,7 +255,7 @@ __attribute__((target("avx2"))) void quantize_block_avx2(const float* x, int64_t
     }
 }
 
-__attribute__((target("avx2"))) void dequantize_int8_avx2(const int8_t* q, const float* scales, int64_t j0,
+TAPESTRY_AVX2 void dequantize_int8_avx2(const int8_t* q, const float* scales, int64_t j0,
                                                           int64_t j1, int64_t block, float* out) {
     for (int64_t start = j0; start < j1; start += block) {
         const float s = scales[start / block];

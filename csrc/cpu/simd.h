@@ -47,6 +47,29 @@ inline Isa active() {
 
 inline const char* isa_name(Isa isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "portable"; }
 
+// Cap every kernel family at the named path ("portable", "avx2", "avx512"; "best" lifts the cap);
+// false for an unknown name. tapestry._C.set_isa, for tests of every path on one machine.
+inline bool set_isa(const char* name) {
+    for (int isa : {kPortable, kAvx2, kAvx512})
+        if (std::strcmp(name, isa_name(static_cast<Isa>(isa))) == 0) return isa_cap() = isa, true;
+    if (std::strcmp(name, "best") == 0) return isa_cap() = -1, true;
+    return false;
+}
+
+// NAME PARAMS runs BODY ARGS compiled three times (AVX-512, AVX2, portable), the copy chosen by
+// active(): BODY is a TAPESTRY_INLINE function of plain loops that GCC vectorises per wrapper.
+#define TAPESTRY_ISA_DISPATCH(NAME, BODY, PARAMS, ARGS)                      \
+    TAPESTRY_AVX512 void NAME##_avx512 PARAMS { BODY ARGS; }                 \
+    TAPESTRY_AVX2 void NAME##_avx2 PARAMS { BODY ARGS; }                     \
+    void NAME##_portable PARAMS { BODY ARGS; }                               \
+    void NAME PARAMS {                                                       \
+        switch (::tapestry::simd::active()) {                                \
+            case ::tapestry::simd::kAvx512: return NAME##_avx512 ARGS;       \
+            case ::tapestry::simd::kAvx2: return NAME##_avx2 ARGS;           \
+            default: return NAME##_portable ARGS;                            \
+        }                                                                    \
+    }
+
 // 64-byte aligned scratch, freed on scope exit.
 template <class T>
 struct Scratch {

@@ -62,11 +62,11 @@ OPS: dict[str, str] = {
     #    fused decode-and-aggregate: the op on the rows that decoding n payloads of one codec gives
     #    (codec "int8": int8 codes, "int4": packed uint8, with float32 scales per block; "fp16" /
     #    "bf16": 16-bit values, scales None), bit for bit, without materialising them
-    "weighted_mean_quantized": "(qs, scales, codec, block, d, w) -> (d,): weighted_mean of the n decoded rows",
-    "gram_quantized": "(qs, scales, codec, block, d) -> (n, n) float64: gram of the n decoded rows",
-    "trimmed_mean_quantized": "(qs, scales, codec, block, d, f) -> (d,): trimmed_mean of the n decoded rows",
-    "coord_median_quantized": "(qs, scales, codec, block, d) -> (d,): coord_median of the n decoded rows",
-    "mean_around_median_quantized": "(qs, scales, codec, block, d, rows, k) -> (d,): mean_around_median of the n decoded rows",
+    "weighted_mean_encoded": "(qs, scales, codec, block, d, w) -> (d,): weighted_mean of the n decoded rows",
+    "gram_encoded": "(qs, scales, codec, block, d) -> (n, n) float64: gram of the n decoded rows",
+    "trimmed_mean_encoded": "(qs, scales, codec, block, d, f) -> (d,): trimmed_mean of the n decoded rows",
+    "coord_median_encoded": "(qs, scales, codec, block, d) -> (d,): coord_median of the n decoded rows",
+    "mean_around_median_encoded": "(qs, scales, codec, block, d, rows, k) -> (d,): mean_around_median of the n decoded rows",
     # -- secure sum (see tapestry.secure)
     #    ring elements are uint32 stored as int32 bit patterns; key (8,) / keys (m, 8) and nonce (3,)
     #    are int32 words on the data's device; offsets count keystream words (docs/spec.md layout)

@@ -199,7 +199,7 @@ def _dequantized(qs: list, scales: list, codec: str, block: int, d: int) -> torc
     return X
 
 
-def weighted_mean_quantized(qs: list, scales: list, codec: str, block: int, d: int, w: torch.Tensor) -> torch.Tensor:
+def weighted_mean_encoded(qs: list, scales: list, codec: str, block: int, d: int, w: torch.Tensor) -> torch.Tensor:
     """:func:`weighted_mean` of the ``(n, d)`` rows that decoding n payloads of ``codec`` gives:
     int8 codes or packed int4 (``qs``) with float32 ``scales`` per ``block`` (as
     :func:`dequantize_int8` / :func:`dequantize_int4` decode them), or float16/bfloat16 values
@@ -207,24 +207,24 @@ def weighted_mean_quantized(qs: list, scales: list, codec: str, block: int, d: i
     return weighted_mean(_dequantized(qs, scales, codec, block, d), w)
 
 
-def gram_quantized(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
-    """:func:`gram` of the decoded rows (see :func:`weighted_mean_quantized`)."""
+def gram_encoded(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
+    """:func:`gram` of the decoded rows (see :func:`weighted_mean_encoded`)."""
     return gram(_dequantized(qs, scales, codec, block, d))
 
 
-def trimmed_mean_quantized(qs: list, scales: list, codec: str, block: int, d: int, f: int) -> torch.Tensor:
-    """:func:`trimmed_mean` of the decoded rows (see :func:`weighted_mean_quantized`)."""
+def trimmed_mean_encoded(qs: list, scales: list, codec: str, block: int, d: int, f: int) -> torch.Tensor:
+    """:func:`trimmed_mean` of the decoded rows (see :func:`weighted_mean_encoded`)."""
     return trimmed_mean(_dequantized(qs, scales, codec, block, d), f)
 
 
-def coord_median_quantized(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
-    """:func:`coord_median` of the decoded rows (see :func:`weighted_mean_quantized`)."""
+def coord_median_encoded(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
+    """:func:`coord_median` of the decoded rows (see :func:`weighted_mean_encoded`)."""
     return coord_median(_dequantized(qs, scales, codec, block, d))
 
 
-def mean_around_median_quantized(qs: list, scales: list, codec: str, block: int, d: int, rows: torch.Tensor,
+def mean_around_median_encoded(qs: list, scales: list, codec: str, block: int, d: int, rows: torch.Tensor,
                                  k: int) -> torch.Tensor:
-    """:func:`mean_around_median` of the decoded rows (see :func:`weighted_mean_quantized`)."""
+    """:func:`mean_around_median` of the decoded rows (see :func:`weighted_mean_encoded`)."""
     return mean_around_median(_dequantized(qs, scales, codec, block, d), rows, k)
 
 

@@ -121,7 +121,7 @@ def gram(X: torch.Tensor) -> torch.Tensor:
 ROW_CODECS = {"int8": 0, "int4": 1, "fp16": 2, "bf16": 3}  # csrc/cpu/quant_rows.h RowCodec
 
 
-def _quantized(op: str, qs: list, scales: list, codec: str, block: int, d: int) -> tuple[list[int], list[int], int]:
+def _encoded_rows(op: str, qs: list, scales: list, codec: str, block: int, d: int) -> tuple[list[int], list[int], int]:
     """Pointers to each row's values and scales, and the codec's code, after checking that every
     row holds ``d`` values (and, for int8/int4, its scales)."""
     if codec not in ROW_CODECS:
@@ -146,42 +146,42 @@ def _quantized(op: str, qs: list, scales: list, codec: str, block: int, d: int) 
     return [q.data_ptr() for q in qs], [s.data_ptr() for s in scales], ROW_CODECS[codec]
 
 
-def weighted_mean_quantized(qs: list, scales: list, codec: str, block: int, d: int, w) -> torch.Tensor:
-    cp, sp, c = _quantized("weighted_mean_quantized", qs, scales, codec, block, d)
+def weighted_mean_encoded(qs: list, scales: list, codec: str, block: int, d: int, w) -> torch.Tensor:
+    cp, sp, c = _encoded_rows("weighted_mean_encoded", qs, scales, codec, block, d)
     w = _weights(w, len(qs))
     out = torch.empty(d, dtype=torch.float32)
-    _C().weighted_mean_quantized(cp, sp, c, block, d, w.data_ptr(), out.data_ptr())
+    _C().weighted_mean_encoded(cp, sp, c, block, d, w.data_ptr(), out.data_ptr())
     return out
 
 
-def gram_quantized(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
-    cp, sp, c = _quantized("gram_quantized", qs, scales, codec, block, d)
+def gram_encoded(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
+    cp, sp, c = _encoded_rows("gram_encoded", qs, scales, codec, block, d)
     G = torch.empty(len(qs), len(qs), dtype=torch.float64)
-    _C().gram_quantized(cp, sp, c, block, d, G.data_ptr())
+    _C().gram_encoded(cp, sp, c, block, d, G.data_ptr())
     return G
 
 
-def trimmed_mean_quantized(qs: list, scales: list, codec: str, block: int, d: int, f: int) -> torch.Tensor:
-    cp, sp, c = _quantized("trimmed_mean_quantized", qs, scales, codec, block, d)
+def trimmed_mean_encoded(qs: list, scales: list, codec: str, block: int, d: int, f: int) -> torch.Tensor:
+    cp, sp, c = _encoded_rows("trimmed_mean_encoded", qs, scales, codec, block, d)
     if not 0 <= 2 * f < len(qs):
         raise ValueError(f"trimmed_mean needs 0 <= 2f < n, got n={len(qs)}, f={f}")
     out = torch.empty(d, dtype=torch.float32)
-    _C().trimmed_mean_quantized(cp, sp, c, block, d, int(f), out.data_ptr())
+    _C().trimmed_mean_encoded(cp, sp, c, block, d, int(f), out.data_ptr())
     return out
 
 
-def coord_median_quantized(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
-    cp, sp, c = _quantized("coord_median_quantized", qs, scales, codec, block, d)
+def coord_median_encoded(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
+    cp, sp, c = _encoded_rows("coord_median_encoded", qs, scales, codec, block, d)
     out = torch.empty(d, dtype=torch.float32)
-    _C().coord_median_quantized(cp, sp, c, block, d, out.data_ptr())
+    _C().coord_median_encoded(cp, sp, c, block, d, out.data_ptr())
     return out
 
 
-def mean_around_median_quantized(qs: list, scales: list, codec: str, block: int, d: int, rows, k: int) -> torch.Tensor:
-    cp, sp, c = _quantized("mean_around_median_quantized", qs, scales, codec, block, d)
+def mean_around_median_encoded(qs: list, scales: list, codec: str, block: int, d: int, rows, k: int) -> torch.Tensor:
+    cp, sp, c = _encoded_rows("mean_around_median_encoded", qs, scales, codec, block, d)
     rows = _rows(rows, len(qs), k)
     out = torch.empty(d, dtype=torch.float32)
-    _C().mean_around_median_quantized(cp, sp, c, block, d, rows.data_ptr(), rows.numel(), int(k), out.data_ptr())
+    _C().mean_around_median_encoded(cp, sp, c, block, d, rows.data_ptr(), rows.numel(), int(k), out.data_ptr())
     return out
 
 

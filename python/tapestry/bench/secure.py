@@ -55,7 +55,7 @@ def cases(cfg: Config) -> list[Case]:
         C = _native.require("_C")
         buf = torch.empty(d, dtype=torch.int32)
         kw, nw = _words(key, 8, "key", "cpu"), _words(nonce, 3, "nonce", "cpu")
-        out.append(Case("secure", f"chacha20_keystream[{C.chacha20_isa()}]", one_thread(
+        out.append(Case("secure", f"chacha20_keystream[{C.isa()}]", one_thread(
             lambda: C.chacha20_keystream(buf.data_ptr(), kw.data_ptr(), nw.data_ptr(), 0, d)), 4 * d, "cpu", "uint32",
             baseline="openssl_chacha20"))
         out.append(Case("secure", "chacha20_keystream_api", one_thread(with_backend(

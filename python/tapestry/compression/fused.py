@@ -5,7 +5,7 @@ payloads, so every rule (mean, trimmed mean, median, Krum, Bulyan, ...) aggregat
 
 * over int8/int4/fp16/bf16 payloads (one codec and block size for all), the ops behind the rules
   (weighted means, trimmed mean, median, Bulyan's coordinate stage, the Gram matrix behind Krum,
-  Multi-Krum, Bulyan and NNM) run the ``*_quantized`` kernels: a tile of every payload is decoded
+  Multi-Krum, Bulyan and NNM) run the ``*_encoded`` kernels: a tile of every payload is decoded
   into cache inside the op, one parallel pass over the payloads, no decoded block in memory;
 * everything else (distances to a point, topk or mixed payloads) reads blocks of columns decoded
   into one reused float32 buffer of ``n * cols * 4`` bytes (16 MiB default).
@@ -100,7 +100,7 @@ class Compressed(Columns):
             return None
         qs, scales = [p.values for p in self.payloads], [p.scales for p in self.payloads]
         try:
-            name, fn = ops.resolve(op + "_quantized", self.device, (qs, scales, codec, block, self.d))
+            name, fn = ops.resolve(op + "_encoded", self.device, (qs, scales, codec, block, self.d))
         except ops.BackendError:
             return None
         if name == "reference":

@@ -1,0 +1,83 @@
+// What the per-coordinate selection kernels (select.cpp, select_regs.h) share: the tile geometry,
+// the job a call hands to its tiles, and the conversions from order keys to values and sums.
+#pragma once
+#include <cstdint>
+#include <type_traits>
+
+#include "simd.h"
+
+namespace tapestry {
+namespace select_kernels {
+
+using namespace simd;
+
+// coordinates per tile: 1 KiB runs of each row (the reads stay sequential enough per DRAM page)
+template <class K>
+constexpr int kTileW = 1024 / static_cast<int>(sizeof(K));
+constexpr int kMaxW = 512;
+constexpr int kPrefetchTiles = 4;
+
+enum SelectOp : int { kTrimmed = 0, kMedian = 1, kAroundMedian = 2 };
+
+struct SelectJob {
+    const char* base;        // X.data_ptr()
+    const int64_t* row_off;  // byte offset of each of the m rows read
+    int m;                   // rows read
+    int64_t d;
+    int dtype;
+    int op;
+    int param;  // trimmed: f; around median: k
+    const int32_t* ca;  // comparator c puts min(t[ca], t[cb]) in row ca and the max in row cb
+    const int32_t* cb;
+    int nc;
+    float* out;
+    void (*reg_sort)(void*);  // an unrolled full sort for small m (then ca/cb are unused), or null
+    void (*reg_trim)(const SelectJob&, int64_t);  // trimmed mean, small m: a whole tile in registers, or null
+    bool prefetch;  // ask for the rows' next tiles (not when the rows are a decoded tile in L1)
+};
+
+template <class T>
+constexpr typename T::Key nan_above() {
+    if constexpr (std::is_same<T, F32>::value)
+        return 0x7f800000;
+    else if constexpr (std::is_same<T, F16>::value)
+        return 0x7c00;
+    else
+        return 0x7f80;
+}
+
+// The float32 partial sums of 16-bit ranks below (two or four ranks) are taken on values scaled by
+// 2^-2 for bfloat16, whose largest finite values would otherwise overflow float32 when added
+// (float16 needs no scaling); the float64 total is scaled back. Both scalings are exact: bfloat16
+// values are multiples of 2^-133, so their quarters (multiples of 2^-135) and every sum of them
+// are float32-representable down to the subnormals, and |sum of four quarters| <= the largest
+// bfloat16 < FLT_MAX.
+template <class T>
+TAPESTRY_INLINE float part_f(typename T::Key k) {
+    if constexpr (std::is_same<T, BF16>::value)
+        return T::value_f(k) * 0.25f;
+    else
+        return T::value_f(k);
+}
+template <class T>
+TAPESTRY_INLINE double part_d(typename T::Key k) {
+    if constexpr (std::is_same<T, BF16>::value)
+        return T::value(k) * 0.25;
+    else
+        return T::value(k);
+}
+template <class T>
+TAPESTRY_INLINE double unscale(double a) {
+    if constexpr (std::is_same<T, BF16>::value)
+        return a * 4.0;
+    else
+        return a;
+}
+
+// one register per row, every index a constant (the loads, keys and prefetches fully unrolled, so
+// the wires stay in registers); n rows are n separate streams, more than the hardware prefetcher
+// follows: each row's line kPrefetchTiles tiles ahead is asked for here (never faults past the end).
+// The keys are simd.h's key16 / key32, lane-wise.
+
+}  // namespace select_kernels
+}  // namespace tapestry
