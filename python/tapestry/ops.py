@@ -182,12 +182,3 @@ def call(op: str, *tensors_and_args, device: torch.device | str | None = None, *
     _, fn = resolve(op, device, tensors_and_args)
     return fn(*tensors_and_args, **kwargs)
 
-
-ROBUST_OPS = ("weighted_mean", "trimmed_mean", "coord_median", "mean_around_median", "gram")
-
-
-def matrix_arg(op: str, args: tuple) -> torch.Tensor | None:
-    """The ``(n, d)`` updates argument of a robust op, when the caller passed it."""
-    if op in ROBUST_OPS and args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    return None

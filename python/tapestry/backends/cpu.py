@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _native, ops
+from .. import _native
+from . import no_kernel_for
 
 # dtype codes shared with csrc/common.h
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -21,10 +22,7 @@ def unavailable() -> str | None:
 def rejects(op: str, device: torch.device, args: tuple = ()) -> str | None:
     if device.type != "cpu":
         return f"takes CPU tensors, got {device}"
-    X = ops.matrix_arg(op, args)
-    if X is not None and X.dtype not in DTYPE_CODES:
-        return f"no kernel for {X.dtype} updates (float32, float16, bfloat16)"
-    return None
+    return no_kernel_for(op, args)
 
 
 def _C():

@@ -9,8 +9,8 @@ import logging
 
 import torch
 
-from .. import _native, ops
-from ..updates import KERNEL_DTYPES
+from .. import _native
+from . import no_kernel_for
 
 log = logging.getLogger("tapestry.ops")
 
@@ -31,14 +31,12 @@ ROW_LIMITED = {"trimmed_mean": 0, "coord_median": 0, "mean_around_median": 1}  #
 def rejects(op: str, device: torch.device, args: tuple = ()) -> str | None:
     if device.type != "cuda":
         return f"takes CUDA tensors, got {device}"
-    X = ops.matrix_arg(op, args)
-    if X is not None and X.dtype not in KERNEL_DTYPES:
-        return f"no kernel for {X.dtype} updates (float32, float16, bfloat16)"
-    if op in ROW_LIMITED and len(args) > ROW_LIMITED[op]:
+    reason = no_kernel_for(op, args)
+    if reason is None and op in ROW_LIMITED and len(args) > ROW_LIMITED[op]:
         n, limit = len(args[ROW_LIMITED[op]]), _native.require("_cuda").MAX_SELECT_ROWS
         if n > limit:
             return f"{n} rows, above the selection kernels' limit of {limit}"
-    return None
+    return reason
 
 
 # ---------------------------------------------------------------------------------------------

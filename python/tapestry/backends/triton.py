@@ -9,8 +9,7 @@ import os
 
 import torch
 
-from .. import ops
-from ..updates import KERNEL_DTYPES
+from . import no_kernel_for
 
 
 def _interpret() -> bool:
@@ -30,10 +29,7 @@ def unavailable() -> str | None:
 def rejects(op: str, device: torch.device, args: tuple = ()) -> str | None:
     if not (device.type == "cuda" or (device.type == "cpu" and _interpret())):
         return f"takes CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device}"
-    X = ops.matrix_arg(op, args)
-    if X is not None and X.dtype not in KERNEL_DTYPES:
-        return f"no kernel for {X.dtype} updates (float32, float16, bfloat16)"
-    return None
+    return no_kernel_for(op, args)
 
 
 # ---------------------------------------------------------------------------------------------
