@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 import tapestry as tp
 from tapestry.distributed import aggregate_files
 from tapestry.distributed.formats import check_layouts, open_input
-from tapestry.distributed.stream import FileColumns, Job, plan, run_job
+from tapestry.distributed import FileColumns, Job, plan, run_job
 
 
 def best(fn, repeat):

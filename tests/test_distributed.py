@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import tapestry as tp
 from tapestry.distributed.formats import check_layouts, open_input
-from tapestry.distributed.stream import FileColumns, Job, aggregate_shard, plan, run_job
+from tapestry.distributed.job import Job, run_job
+from tapestry.distributed.memory import plan
+from tapestry.distributed.stream import FileColumns, aggregate_shard
 
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
 
@@ -156,7 +158,7 @@ def test_interrupted_run_leaves_previous_output_untouched(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_plan_respects_budget_and_rejects_too_small(tmp_path, backend):
-    from tapestry.distributed.stream import temp_bytes_per_value
+    from tapestry.distributed.memory import temp_bytes_per_value
 
     paths, _ = make_clients(tmp_path, 4, {"w": ((100000,), torch.float16)})
     files = [open_input(p) for p in paths]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import tapestry as tp
 from tapestry.distributed import aggregate
 from tapestry.distributed.launch import free_port
-from tapestry.distributed.stream import Job, run_job
+from tapestry.distributed.job import Job, run_job
 
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
@@ -28,9 +28,9 @@ EXACT = {"mean", "trimmed_mean", "median", "krum", "multi_krum", "bulyan"}
 
 def _worker(rank, world, port, tmp, layouts, budget):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    from tapestry.distributed import stream
+    from tapestry.distributed import memory
 
-    stream.MAX_BLOCK_BYTES = 7 * 4 * 4096  # chunks of 4096 columns: several per rank and pass
+    memory.MAX_BLOCK_BYTES = 7 * 4 * 4096  # chunks of 4096 columns: several per rank and pass
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     res = {}
     try:

@@ -117,15 +117,15 @@ def test_payload_file_that_shrinks_is_an_error_not_sigbus(tmp_path):
     # the files shrink after they were validated, before they are read
     code = f"""
 import os, sys
-from tapestry.distributed import stream
-from tapestry.distributed.stream import Job, run_job
+from tapestry.distributed import job
+from tapestry.distributed.job import Job, run_job
 import tapestry as tp
-real = stream.open_input
+real = job.open_input
 def opened_then_truncated(path):
     f = real(path)
     os.truncate(path, 4096)
     return f
-stream.open_input = opened_then_truncated
+job.open_input = opened_then_truncated
 try:
     run_job(Job({paths!r}, {str(out / 'g.safetensors')!r}, tp.Median(), 1 << 30, progress=False))
 except ValueError as exc:

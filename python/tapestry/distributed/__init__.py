@@ -16,7 +16,9 @@ from __future__ import annotations
 from .allreduce import CollectiveError, all_reduce
 from .formats import InputError, Layout, check_layouts, open_input
 from .sharded import ShardColumns, aggregate
-from .stream import FileColumns, Job, Result, plan, run_job
+from .job import Job, Result, run_job
+from .memory import plan
+from .stream import FileColumns
 
 
 def aggregate_files(inputs, output, rule, *, memory_budget: int = 1 << 30, nproc: int = 1, device: str = "auto",

@@ -6,7 +6,7 @@
 
 The output holds every input key with its own dtype (the aggregate is computed in float32 and cast
 back per key). ``--memory-budget`` bounds each process's working memory (see
-:mod:`tapestry.distributed.stream` for the model); fixed interpreter and library overhead comes on top.
+:mod:`tapestry.distributed.memory` for the model); fixed interpreter and library overhead comes on top.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _weights(args, n: int):
 
 def run(args) -> int:
     from . import launch
-    from .stream import Job
+    from .job import Job
 
     rule = _rule(args)
     weights = _weights(args, len(args.inputs))

@@ -13,7 +13,7 @@ Inputs:
   spec validated at open, values read with ``pread`` and decoded block by block
   (:class:`PayloadFile`), aggregated in float32 as ``tapestry.compression.aggregate`` does.
 
-Hostile inputs (see :mod:`tapestry.distributed.files`): only regular files are opened (a FIFO
+Hostile inputs (see :mod:`tapestry.input_files`): only regular files are opened (a FIFO
 never blocks), nothing is memory-mapped while reading (a file that shrinks is an ``InputError``,
 not a ``SIGBUS``), at most ``files.MAX_OPEN`` inputs are open at once, headers are parsed one
 JSON value at a time (memory a small multiple of the header), and every key must be valid
@@ -24,7 +24,7 @@ naming the file and the key. Only floating dtypes (F64, F32, F16, BF16) can be a
 
 The output is a safetensors file: the header is written first, the data area preallocated, and each
 rank writes its coordinates at their offsets (``pwrite``); the temporary file is renamed over the
-output only when every rank succeeded (see :mod:`tapestry.distributed.stream`).
+output only when every rank succeeded (see :mod:`tapestry.distributed.job`).
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ from collections.abc import Sequence
 
 import torch
 
+from ..compression.payload_file import PayloadFile
 from ..compression.wire import MAGIC as PAYLOAD_MAGIC
 from ..updates import KERNEL_DTYPES
-from .files import InputError, JSONWalker, PreadFile, check_key_text, json_object_items, open_regular, skip_string_map
+from ..input_files import (InputError, JSONWalker, Key, PreadFile, as_bytes, check_key_text, json_object_items, open_regular,
+                    skip_string_map)
 
 # safetensors dtype names <-> torch dtypes (floating types only: those are what rules aggregate)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -51,26 +53,6 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 KNOWN_NONFLOAT = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F8_E4M3", "F8_E5M2", "F8_E8M0",
                   "F4", "F6_E2M3", "F6_E3M2", "C64"}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
-
-
-@dataclass(frozen=True, slots=True)
-class Key:
-    """One named tensor of a client file; ``begin`` is its absolute byte offset in the file."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    numel: int
-    begin: int = 0
-
-    @property
-    def itemsize(self) -> int:
-        return self.dtype.itemsize
-
-
-def _as_bytes(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous tensor (works for bfloat16, which NumPy lacks)."""
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(bytearray(0))
 
 
 class _TensorFile(PreadFile):
@@ -87,7 +69,7 @@ class _TensorFile(PreadFile):
     def read_into(self, key: Key, start: int, stop: int, out: torch.Tensor | memoryview) -> int:
         """Values ``start:stop`` of ``key`` (flattened) into the contiguous 1-D ``out`` (same dtype),
         or into the byte view ``out``."""
-        view = out if isinstance(out, memoryview) else _as_bytes(out)
+        view = out if isinstance(out, memoryview) else as_bytes(out)
         begin = self.begin[key.name]  # this file's own offset: files of one layout may differ in layout
         want = (stop - start) * key.itemsize
         self.pread_into(view[:want], begin + start * key.itemsize, f"key {key.name!r}")
@@ -258,113 +240,6 @@ class TorchFile(_TensorFile):
         return out, begin
 
 
-class PayloadFile(PreadFile):
-    """A Tapestry compressed payload (``tapestry.compression`` wire format), read with ``pread``:
-    the header and spec are validated by the compression package's parser at open, and each read
-    decodes only the requested values (from the enclosing quantisation block) to float32, checking
-    the scales and codes it reads (a hostile section is an ``InputError`` naming the file)."""
-
-    reads_bytes = False
-
-    def __init__(self, path: str):
-        from ..compression import wire
-
-        size = self._open(path)
-        try:
-            first = self.pread(min(size, wire.HEADER.size), 0, "the payload header")
-            head = self.pread(min(size, wire.head_length(first)), 0, "the payload header")
-            try:
-                self.p, self.data, self.sizes = wire.parse_head(memoryview(head), size)
-                if self.p.codec == "topk":
-                    self._check_topk()
-            except wire.PayloadError as exc:
-                raise InputError(f"{path}: {exc}") from None
-        except BaseException:
-            self.close()
-            raise
-        del head
-        spec = self.p.spec
-        entries = ([("update", spec.shape, spec.dtype)] if spec.form == "tensor"
-                   else [(str(k), shape, dt) for k, shape, dt in spec.entries])
-        self.keys, self.start = [], {}
-        offset = 0
-        for name, shape, dt in entries:
-            check_key_text(path, name)
-            numel = math.prod(shape)
-            self.keys.append(Key(name, wire.DTYPES[dt], tuple(shape), numel))
-            self.start[name] = offset
-            offset += numel
-        self.align = self.p.block if self.p.codec in ("int8", "int4") else 2  # decode starts here
-        self.bytes_per_value = self.p.nbytes / max(self.p.d, 1)
-
-    def native_dtype(self, key: Key) -> torch.dtype:
-        return torch.float32  # what decoding produces; cast once, by the caller, like in memory
-
-    def _tensor(self, offset: int, count: int, dtype: torch.dtype, what: str) -> torch.Tensor:
-        t = torch.empty(count, dtype=dtype)
-        if count:
-            self.pread_into(_as_bytes(t), offset, what)
-        return t
-
-    def _check_topk(self) -> None:
-        """topk indices strictly increasing and < d, streamed 1 MiB at a time."""
-        from ..compression import wire
-
-        prev, k = -1, self.p.k
-        for i in range(0, k, 1 << 18):
-            idx = self._tensor(self.data + 4 * i, min(1 << 18, k - i), torch.int32, "topk indices").to(torch.int64) & 0xFFFFFFFF
-            wire.check_indices(idx, self.p.d, prev)
-            prev = int(idx[-1])
-
-    def _index(self, j: int) -> int:
-        """Position of the first kept index >= j (binary search with 4-byte preads)."""
-        lo, hi = 0, self.p.k
-        while lo < hi:
-            mid = (lo + hi) // 2
-            v = struct.unpack("<I", self.pread(4, self.data + 4 * mid, "topk indices"))[0]
-            lo, hi = (mid + 1, hi) if v < j else (lo, mid)
-        return lo
-
-    def read_into(self, key: Key, start: int, stop: int, out: torch.Tensor) -> int:
-        from ..compression import wire
-        from ..compression.codecs import decode_rows
-
-        p, s, e = self.p, self.start[key.name] + start, self.start[key.name] + stop
-        if e <= s:
-            return 0
-        s0 = s - s % self.align
-        piece = wire.Payload(p.codec, e - s0, p.block, 0, p.stochastic, p.spec)
-        try:
-            if p.codec in ("int8", "int4"):
-                b0, b1 = s0 // p.block, -(-e // p.block)
-                piece.scales = self._tensor(self.data + 4 * b0, b1 - b0, torch.float32, "scales")
-                wire.check_scales(p.codec, piece.scales, b0)
-                if p.codec == "int8":
-                    piece.values = self._tensor(self.data + self.sizes[0] + s0, e - s0, torch.int8, "codes")
-                else:
-                    piece.values = self._tensor(self.data + self.sizes[0] + s0 // 2, (e - s0 + 1) // 2, torch.uint8, "codes")
-                wire.check_codes(p.codec, piece.values, s0 if p.codec == "int8" else s0 // 2)
-            elif p.codec in ("fp16", "bf16"):
-                piece.values = self._tensor(self.data + 2 * s0, e - s0, torch.float16 if p.codec == "fp16"
-                                            else torch.bfloat16, "values")
-            else:
-                lo, hi = self._index(s0), self._index(e)
-                piece.k = hi - lo
-                piece.indices = self._tensor(self.data + 4 * lo, hi - lo, torch.int32, "topk indices").to(torch.int64)
-                piece.indices = (piece.indices & 0xFFFFFFFF) - s0
-                piece.values = self._tensor(self.data + 4 * p.k + 4 * lo, hi - lo, torch.float32, "topk values")
-                wire.check_indices(piece.indices, e - s0)
-        except wire.PayloadError as exc:
-            raise InputError(f"{self.path}: {exc}") from None
-        buf = torch.empty(e - s0, dtype=torch.float32)
-        decode_rows([piece], [buf], 0, e - s0)
-        out.copy_(buf[s - s0 :])
-        return int((stop - start) * self.bytes_per_value)
-
-    def close(self) -> None:
-        super().close()
-
-
 def open_input(path: str):
     """Open one client file by its format (sniffed from its first bytes, not from its name)."""
     fd = open_regular(path)
@@ -484,7 +359,7 @@ class OutputWriter:
         for i, a, b, col in self.layout.pieces(start, start + values.numel()):
             key = self.layout.keys[i]
             part = values[col - start : col - start + b - a].to(key.dtype).contiguous()
-            view, off = _as_bytes(part), self.starts[i] + a * key.itemsize
+            view, off = as_bytes(part), self.starts[i] + a * key.itemsize
             done = 0
             while done < len(view):
                 done += os.pwrite(self.fd, view[done:], off + done)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .._native import set_num_threads
-from .stream import Job, Result, Terminated, _unlink, run_job, terminate_raises, tmp_path_for
+from .job import Job, Result, Terminated, run_job, terminate_raises, tmp_path_for, unlink
 
 TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -98,7 +98,7 @@ def spawn(job: Job, nproc: int, device: str = "auto", *, target=run_job, timeout
             p.join(10)
             if p.is_alive():
                 p.kill()
-        _unlink(getattr(job, "tmp", None))
+        unlink(getattr(job, "tmp", None))
         raise
     result, errors = None, []
     while not queue.empty():

@@ -23,7 +23,10 @@ import resource
 import stat
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from collections.abc import Iterator
+
+import torch
 
 
 class InputError(ValueError):
@@ -213,3 +216,23 @@ def check_key_text(path: str, name: str) -> None:
     except UnicodeEncodeError:
         raise InputError(f"{path}: key {name[:60]!r} is not valid Unicode (a lone surrogate escape); "
                          f"it could not be written to the output") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One named tensor of a client file; ``begin`` is its absolute byte offset in the file."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    numel: int
+    begin: int = 0
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+
+def as_bytes(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous tensor (works for bfloat16, which NumPy lacks)."""
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(bytearray(0))
