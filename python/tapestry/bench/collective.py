@@ -45,6 +45,7 @@ def _timed(fn) -> float:
 def _rank(rank: int, world: int, port: int, d: int, repeat: int, queue) -> None:
     from .._native import set_num_threads
     from ..distributed.allreduce import all_reduce
+    from .harness import paired_times
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     set_num_threads(1)  # WORLD ranks share this machine's cores
@@ -63,16 +64,8 @@ def _rank(rank: int, world: int, port: int, d: int, repeat: int, queue) -> None:
                 return all_reduce(x, rule, codec=codec, seed=1, return_info=True)[1]
 
             info = fn()
-            base()
-            tf, tb, ratios = [], [], []
-            for i in range(repeat):
-                if i % 2:
-                    b, f = _timed(base), _timed(fn)
-                else:
-                    f, b = _timed(fn), _timed(base)
-                tf.append(f), tb.append(b), ratios.append(f / b)
-            rows.append((name, codec, statistics.median(tf), statistics.median(tb), statistics.median(ratios),
-                         info.bytes_sent))
+            tf, tb, ratio = paired_times(fn, base, repeat, timer=_timed)
+            rows.append((name, codec, tf, tb, ratio, info.bytes_sent))
         if rank == 0:
             queue.put(rows)
     finally:

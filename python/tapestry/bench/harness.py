@@ -200,11 +200,13 @@ def find_baseline(case: Case, pool: list[Case]) -> Case | None:
 
 
 def paired_times(fn: Callable[[], object], base: Callable[[], object], repeat: int,
-                 device: str = "cpu") -> tuple[float, float, float]:
+                 device: str = "cpu", timer: Callable[[Callable[[], object]], float] | None = None
+                 ) -> tuple[float, float, float]:
     """Median seconds of ``fn`` and of ``base`` and the median per-round ratio time(fn) / time(base),
     the two timed back to back in each round (alternating which goes first), so that a shared
-    machine's load hits both alike. One untimed warm-up of each first."""
-    def timed(g):
+    machine's load hits both alike. One untimed warm-up of each first. ``timer(g)`` replaces the
+    wall clock of one call (the collective family times the slowest rank)."""
+    def wall(g):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -213,6 +215,7 @@ def paired_times(fn: Callable[[], object], base: Callable[[], object], repeat: i
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    timed = timer or wall
     fn(), base()
     tfs, tbs, ratios = [], [], []
     for i in range(repeat):
