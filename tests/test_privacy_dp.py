@@ -273,3 +273,67 @@ def test_cli_dp(tmp_path, capsys):
     assert (tmp_path / "privacy.png").exists()
     assert main(["simulate", "--epsilon", "1", "--quiet"]) != 0
     assert "--epsilon needs --dp" in capsys.readouterr().err
+
+
+# -- DP-FedAvg in Flower: the DPMean rule under TapestryStrategy --------------------------------
+
+def _dp(**kw):
+    return CentralDP(Schedule(population=6, per_round=6, rounds=5, sampling="fixed"), clip=0.5, seed=3, **kw)
+
+
+def test_flower_dp_fedavg_equals_central_dp_on_the_deltas(monkeypatch):
+    """TapestryStrategy(DPMean(dp), server_optimizer="fedavg") over five rounds of Flower's own
+    loop: each global model is the previous one plus CentralDP's private mean of the nodes' deltas
+    (clipped to 0.5, noised), computed here by hand from the same replies."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_optim import ROUNDS, SHAPES, _flower_run, _initial, _reply_noise
+
+    from tapestry.integrations.flower import TapestryStrategy
+    from tapestry.privacy import DPMean
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    nodes, initial = 6, _initial(4)
+    strategy = TapestryStrategy(DPMean(_dp(noise_multiplier=0.8)), server_optimizer="fedavg", fraction_evaluate=0.0,
+                                min_available_nodes=nodes)
+    ours = _flower_run(strategy, initial, nodes)
+    by_hand, glob = _dp(noise_multiplier=0.8), {k: v.copy() for k, v in initial.items()}
+    for rnd in range(1, ROUNDS + 1):
+        deltas = [np.concatenate([((glob[k] + _reply_noise(rnd, i)[k]).astype(np.float32) - glob[k]).reshape(-1)
+                                  for k in SHAPES]) for i in range(nodes)]
+        agg = by_hand.aggregate(torch.from_numpy(np.stack(deltas)), rnd).float().numpy()
+        o = 0
+        for k, s in SHAPES.items():
+            size = int(np.prod(s))
+            glob[k] = glob[k] + agg[o:o + size].reshape(s)
+            o += size
+        for k in SHAPES:
+            np.testing.assert_allclose(ours[rnd - 1][k], glob[k], rtol=0, atol=1e-6, err_msg=f"round {rnd}, {k}")
+    assert max(float(np.abs(ours[-1][k] - initial[k]).max()) for k in SHAPES) > 1e-2  # it moved
+    assert strategy.rule.dp.rounds_done == ROUNDS and math.isfinite(strategy.rule.dp.epsilon_spent)
+    assert strategy.rule.dp.epsilon_spent == by_hand.epsilon_spent
+
+
+def test_dp_mean_rule_leaves_out_and_names_nonfinite_updates():
+    from tapestry.privacy import DPMean
+
+    X = torch.randn(6, 40)
+    X[2, 5] = float("nan")
+    rule = DPMean(_dp(epsilon=math.inf))  # non-private: the plain mean of the rows it keeps
+    agg, info = rule(X, return_info=True)
+    assert info.nonfinite == [2] and torch.equal(agg, X[[0, 1, 3, 4, 5]].mean(0))
+
+
+def test_dp_mean_needs_deltas_and_one_process():
+    from tapestry.integrations.flower import TapestryStrategy
+    from tapestry.privacy import DPMean
+
+    with pytest.raises(ValueError, match="DPMean clips deltas .* give a server_optimizer"):
+        TapestryStrategy(DPMean(_dp(epsilon=1.0)))
+    with pytest.raises(TypeError, match="DPMean takes a tapestry.privacy.CentralDP"):
+        DPMean(0.5)
+    from tapestry.compression import aggregate, encode
+
+    payloads = [encode(torch.randn(10), "int8", seed=i) for i in range(6)]
+    with pytest.raises(ValueError, match="dp_mean clips each update by its whole norm"):
+        aggregate(payloads, DPMean(_dp(epsilon=1.0)))

@@ -6,15 +6,16 @@
 * :func:`epsilon`, :class:`Schedule`, :class:`Accountant`, :func:`noise_for_epsilon`: accounting
   with dp-accounting (RDP or PLD, Poisson or fixed-size sampling).
 * :class:`CentralDP` (clip, Gaussian noise, adaptive clipping, per-round epsilon) and
-  :func:`privatize_mean`, the hook a strategy calls.
+  :func:`privatize_mean`, the hook a strategy calls; :class:`DPMean`, the same as a rule
+  (``TapestryStrategy(DPMean(dp), server_optimizer="fedavg")`` is DP-FedAvg in Flower).
 * :func:`plan`, :class:`DistributedDP`: distributed discrete Gaussian / Skellam inside secure sum.
 """
 
 from .accounting import Accountant, Schedule, epsilon, noise_for_epsilon
-from .central import CentralDP, privatize_mean
+from .central import CentralDP, DPMean, privatize_mean
 from .distributed import DistributedDP, Plan, plan
 from .rotation import rotate, unrotate
 from .samplers import sample_discrete_gaussian, sample_skellam
 
-__all__ = ["Accountant", "Schedule", "epsilon", "noise_for_epsilon", "CentralDP", "privatize_mean", "DistributedDP",
+__all__ = ["Accountant", "Schedule", "epsilon", "noise_for_epsilon", "CentralDP", "DPMean", "privatize_mean", "DistributedDP",
            "Plan", "plan", "rotate", "unrotate", "sample_discrete_gaussian", "sample_skellam"]

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..aggregators.base import AggregationInfo, Rule
+from ..aggregators.columns import Columns, InMemory
 from .accounting import Accountant, Schedule, check_delta, noise_for_epsilon
 
 
@@ -135,3 +137,33 @@ def privatize_mean(deltas, dp: CentralDP, rnd: int) -> torch.Tensor:
     """The hook a strategy calls in place of its mean (Flower: on the stacked client deltas
     ``local - global`` of one round): clip, sum, noise, divide, account."""
     return dp.aggregate(torch.as_tensor(deltas), rnd)
+
+
+class DPMean(Rule):
+    """Central DP's mean (:class:`CentralDP`) as a rule on deltas, for callers that take a rule:
+    ``TapestryStrategy(DPMean(dp), server_optimizer="fedavg")`` is DP-FedAvg in Flower (a server
+    optimizer makes the strategy hand the rule deltas ``local - global``, which is what is
+    clipped). Each call is one round of ``dp``'s schedule. A reply holding NaN/Inf cannot be
+    clipped: it is left out of the sum (as a participant that did not answer) and named in
+    ``info.nonfinite``. Clipping needs each update's whole norm, so the updates must be in one
+    process (not sharded, streamed from files or compressed)."""
+
+    name = "dp_mean"
+
+    def __init__(self, dp: CentralDP):
+        if not isinstance(dp, CentralDP):
+            raise TypeError(f"DPMean takes a tapestry.privacy.CentralDP, got {type(dp).__name__}")
+        self.dp = dp
+        self.rounds = 0
+
+    def aggregate(self, src: Columns, *, want_info: bool) -> tuple[torch.Tensor, AggregationInfo]:
+        if not isinstance(src, InMemory):
+            raise ValueError("dp_mean clips each update by its whole norm: the updates must be in memory in one "
+                             "process (not sharded, streamed or compressed)")
+        X = src.read(0, src.d)
+        finite = torch.isfinite(X).all(1)
+        self.rounds += 1
+        agg = self.dp.aggregate(X[finite], self.rounds).to(torch.float32)
+        info = AggregationInfo(self.name, src.n, nonfinite=torch.nonzero(~finite).flatten().tolist(),
+                               backend="reference")
+        return agg, info

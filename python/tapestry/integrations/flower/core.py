@@ -18,9 +18,9 @@ Arrays by dtype (docs/flower.md has the reasons):
 
 from __future__ import annotations
 
-import math
-
+import copy
 import inspect
+import math
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -156,13 +156,14 @@ class RoundAggregator:
 
     def unmet(self, n: int, rule: Rule | None = None) -> str | None:
         """Why ``rule`` cannot aggregate ``n`` replies (its own message, naming the inequality),
-        or None. Found by running it on ``n`` one-value updates, so every rule (and every
-        requirement it states) is covered without a table."""
+        or None. Found by running a copy of it on ``n`` one-value updates, so every rule (and every
+        requirement it states) is covered without a table, and no rule's state (centered
+        clipping's centre, a DP accountant's rounds) is touched."""
         rule = rule or self.rule
         key = (id(rule), n)
         if key not in self._unmet:
             try:
-                rule(torch.zeros(n, 1)) if n > 0 else None
+                copy.deepcopy(rule)(torch.zeros(n, 1)) if n > 0 else None
                 self._unmet[key] = None if n > 0 else "no replies"
             except ValueError as exc:
                 self._unmet[key] = str(exc)

@@ -61,6 +61,9 @@ class TapestryStrategy(FedAvg):
         self.rule = build_rule(rule, {**(rule_params or {}), **rule_kw})
         self.core = RoundAggregator(self.rule, weighted=weighted, on_unmet=on_unmet)
         self._opt_factory = _optimizer_factory(server_optimizer)
+        if self.rule.name == "dp_mean" and self._opt_factory is None:
+            raise ValueError("DPMean clips deltas (local - global): give a server_optimizer, e.g. "
+                             "server_optimizer='fedavg' for DP-FedAvg")
         self.outer_optimizer = None  # built on the first aggregation, over a copy of the global model
         self._outer_params: dict | None = None
         self.last_round: RoundResult | None = None
