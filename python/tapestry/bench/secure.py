@@ -7,7 +7,7 @@
   for ``k + 1`` seeds of ``d`` words (k = 8); ``chacha20_mask`` rows mask one update of ``d``
   words with the same ``k + 1`` keystreams, fused (on one core, then on every core).
 * ``round_n100_k8``: a whole in-process round, n = 100, k = 8, 10% dropouts after masking, at
-  ``d // 4`` parameters (``bench/bench_secure.py`` prints its time per phase).
+  ``d // 4`` parameters.
 
 GB/s counts keystream bytes produced (plus the update read and written for masking).
 """
