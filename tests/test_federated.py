@@ -261,3 +261,22 @@ def test_cli_writes_results_and_plot(tmp_path, capsys):
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "| signflip |" in printed and "round" in printed
+
+
+def test_preaggregator_chains_build_the_library_wrappers():
+    """`--compare arc+nnm+krum` and the like: the loop wraps the rule as make_rule's chains do,
+    with the run's f (NNM, ARC) and Bucketing's s = 2 seeded by the run; clipping (which needs its
+    threshold) and unknown wrappers are refused with the valid ones named."""
+    import tapestry as tp
+    from tapestry.federated.loop import build_rule
+
+    rule = build_rule(Config(rule="arc+nnm+krum", attack="signflip", byzantine=0.2, clients=20))
+    assert isinstance(rule, tp.ARC) and isinstance(rule.rule, tp.NNM) and isinstance(rule.rule.rule, tp.Krum)
+    assert rule.f == rule.rule.f == rule.rule.rule.f == 4
+    bucket = build_rule(Config(rule="bucketing+median", seed=5))
+    assert isinstance(bucket, tp.Bucketing) and bucket.s == 2 and isinstance(bucket.rule, tp.Median)
+    X = torch.randn(20, 30)
+    assert torch.equal(bucket(X), tp.Bucketing(2, tp.Median(), seed=5)(X))  # the same seeded draw
+    for name in ("clipping+median", "foo+median", "nnm+bogus"):
+        with pytest.raises(ValueError, match=r"with <pre> one of nnm, arc, bucketing"):
+            validate(Config(rule=name))

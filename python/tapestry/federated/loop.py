@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from ..aggregators import NNM, RULES, Rule, make_rule
+from ..aggregators import ARC, NNM, RULES, Bucketing, Rule, make_rule
 from ..optim import server_optimizer
 from . import hooks
 from .attacks import craft, get_attack
@@ -109,12 +109,19 @@ class Config:
         return math.ceil(self.byzantine * self.answering - 1e-9)
 
 
+# The pre-aggregators the loop can build from the run's settings alone (clipping would need its
+# threshold c): NNM and ARC take the rule's f, Bucketing buckets of s = 2 seeded by the run.
+LOOP_PREAGGREGATORS = ("nnm", "arc", "bucketing")
+
+
 def build_rule(config: Config) -> Rule:
-    """The rule object for ``config`` (``f`` passed to rules that take it)."""
+    """The rule object for ``config`` (``f`` passed to rules that take it); ``<pre>+<rule>`` (chains
+    allowed, ``arc+nnm+krum``) wraps it in the pre-aggregators of :data:`LOOP_PREAGGREGATORS`."""
     name = config.rule
-    base = name[4:] if name.startswith("nnm+") else name
-    if base not in RULES:
-        raise ValueError(f"unknown rule {name!r}; valid: {', '.join(RULES)}, or nnm+<rule>")
+    *pres, base = name.split("+")
+    if base not in RULES or any(p not in LOOP_PREAGGREGATORS for p in pres):
+        raise ValueError(f"unknown rule {name!r}; valid: {', '.join(RULES)}, or <pre>+<rule> with <pre> one of "
+                         f"{', '.join(LOOP_PREAGGREGATORS)}")
     params = inspect.signature(RULES[base].__init__).parameters
     kwargs = {}
     if "f" in params:
@@ -123,9 +130,12 @@ def build_rule(config: Config) -> Rule:
         kwargs["tau"] = config.tau
     if base == "centered_clipping":
         kwargs["iterations"] = 3
-    inner = make_rule(base, **kwargs)
-    # NNM built here: make_rule("nnm+median", f=...) would hand f to rules that take none
-    return NNM(config.rule_f, inner) if name != base else inner
+    rule = make_rule(base, **kwargs)
+    # wrappers built here: make_rule("nnm+median", f=...) would hand f to rules that take none
+    for pre in reversed(pres):
+        rule = (NNM(config.rule_f, rule) if pre == "nnm" else ARC(config.rule_f, rule) if pre == "arc"
+                else Bucketing(2, rule, seed=config.seed))
+    return rule
 
 
 def validate(config: Config) -> None:
