@@ -337,3 +337,13 @@ def test_dp_mean_needs_deltas_and_one_process():
     payloads = [encode(torch.randn(10), "int8", seed=i) for i in range(6)]
     with pytest.raises(ValueError, match="dp_mean clips each update by its whole norm"):
         aggregate(payloads, DPMean(_dp(epsilon=1.0)))
+
+
+def test_legacy_flower_strategy_refuses_dp_mean():
+    """The legacy API aggregates whole models (it has no server optimizer): clipping those would
+    not be DP-FedAvg, so the shared round aggregator refuses the rule there too."""
+    from tapestry.integrations.flower.legacy import TapestryFedAvg
+    from tapestry.privacy import DPMean
+
+    with pytest.raises(ValueError, match="DPMean clips deltas .* give a server_optimizer"):
+        TapestryFedAvg(DPMean(_dp(epsilon=1.0)))

@@ -149,6 +149,14 @@ def why_not(name: str, op: str, device: torch.device | str, args: tuple = ()) ->
     return mod.rejects(op, torch.device(device), args)
 
 
+def auto_skip_reason(name: str, op: str, device: torch.device | str, args: tuple = ()) -> str | None:
+    """Why ``auto`` passes over backend ``name`` for ``op`` (:func:`why_not`, and the Triton
+    interpreter is never chosen for CPU tensors), or None when it would take it."""
+    if name == "triton" and torch.device(device).type == "cpu":
+        return "not chosen automatically for CPU tensors (interpreter only)"
+    return why_not(name, op, device, args)
+
+
 def resolve(op: str, device: torch.device | str, args: tuple = ()) -> tuple[str, Callable]:
     """The backend name and function that run ``op`` on tensors on ``device`` with arguments
     ``args`` (pass them where known: a backend may take the device but not the inputs)."""
@@ -163,10 +171,7 @@ def resolve(op: str, device: torch.device | str, args: tuple = ()) -> tuple[str,
         return name, getattr(_module(name), op)
     reasons = []
     for candidate in BACKENDS:
-        if candidate == "triton" and device.type == "cpu":
-            reason = "not chosen automatically for CPU tensors (interpreter only)"
-        else:
-            reason = why_not(candidate, op, device, args)
+        reason = auto_skip_reason(candidate, op, device, args)
         if reason is None:
             log.debug("%s on %s -> %s", op, device, candidate)
             return candidate, getattr(_module(candidate), op)

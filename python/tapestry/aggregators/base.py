@@ -136,6 +136,7 @@ class Rule:
     """
 
     name = "rule"
+    deltas_only = False  # True: meaningful only on deltas (local - global), e.g. DP's norm clipping
 
     def aggregate(self, src: Columns, *, want_info: bool, **kwargs) -> tuple[torch.Tensor, AggregationInfo]:
         """The ``(src.d,)`` float32 aggregate of ``src`` (on ``src.device``) and its diagnostics."""

@@ -258,8 +258,7 @@ def one_thread(fn: Callable[[], object]) -> Callable[[], object]:
 
 def backends_for(device: str) -> list[str]:
     """The non-reference backends that take tensors on ``device`` (Triton's CPU interpreter excluded)."""
-    return [name for name in ops.BACKENDS if name != "reference" and not (name == "triton" and device == "cpu")
-            and ops.why_not(name, "trimmed_mean", device) is None]
+    return [name for name in ops.BACKENDS if name != "reference" and ops.auto_skip_reason(name, "trimmed_mean", device) is None]
 
 
 def run_bench(cfg: Config, families: list[str]) -> list[Row]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..aggregators import Rule
+from ..backends import ROBUST_OPS
 from ..aggregators.coordinate import Mean, Median, TrimmedMean
 from ..aggregators.distance import NNM, Bulyan, Krum, MultiKrum
 from .formats import Layout
@@ -31,7 +32,6 @@ ALIGN = 64
 MAX_BLOCK_BYTES = 4 << 20
 MAX_BLOCK_BYTES_GPU = 64 << 20  # host-to-device copies want large transfers
 REFERENCE_TEMP_BYTES = 32  # per value: the reference backend's float64 copy, sort values and indices
-RULE_OPS = ("weighted_mean", "trimmed_mean", "coord_median", "gram", "mean_around_median")
 PY_CHUNK = 1 << 16  # columns: the rules' own Python-side passes (distances, NNM mixing) work this wide
 
 
@@ -40,7 +40,7 @@ def temp_bytes_per_value(device) -> int:
     result; the reference backend (the fallback where no native kernel exists) copies to float64."""
     from .. import ops
 
-    for op in RULE_OPS:
+    for op in ROBUST_OPS:
         try:
             if ops.resolve(op, device)[0] == "reference":
                 return REFERENCE_TEMP_BYTES

@@ -149,6 +149,7 @@ class DPMean(Rule):
     process (not sharded, streamed from files or compressed)."""
 
     name = "dp_mean"
+    deltas_only = True
 
     def __init__(self, dp: CentralDP):
         if not isinstance(dp, CentralDP):

@@ -140,7 +140,10 @@ def _difference(mine: tuple, ref: tuple) -> str:
 class RoundAggregator:
     """Aggregates one round's replies with ``rule``; see the module docstring."""
 
-    def __init__(self, rule: Rule, *, weighted: bool | None, on_unmet: str | Rule = "skip"):
+    def __init__(self, rule: Rule, *, weighted: bool | None, on_unmet: str | Rule = "skip", deltas: bool = False):
+        if rule.deltas_only and not deltas:  # the strategy would hand the rule whole models
+            raise ValueError(f"{type(rule).__name__} clips deltas (local - global): give a server_optimizer, e.g. "
+                             f"server_optimizer='fedavg' for DP-FedAvg (TapestryStrategy, the message API)")
         self.rule = rule
         can_weigh = takes_weights(rule)
         if weighted and not can_weigh:

@@ -59,11 +59,10 @@ class TapestryStrategy(FedAvg):
         rule_kw, fedavg_kw = split_kwargs(rule, kwargs, _FEDAVG_PARAMS, "TapestryStrategy")
         super().__init__(**fedavg_kw)
         self.rule = build_rule(rule, {**(rule_params or {}), **rule_kw})
-        self.core = RoundAggregator(self.rule, weighted=weighted, on_unmet=on_unmet)
         self._opt_factory = _optimizer_factory(server_optimizer)
-        if self.rule.name == "dp_mean" and self._opt_factory is None:
-            raise ValueError("DPMean clips deltas (local - global): give a server_optimizer, e.g. "
-                             "server_optimizer='fedavg' for DP-FedAvg")
+        # with a server optimizer the rule aggregates deltas from the global model
+        self.core = RoundAggregator(self.rule, weighted=weighted, on_unmet=on_unmet,
+                                    deltas=self._opt_factory is not None)
         self.outer_optimizer = None  # built on the first aggregation, over a copy of the global model
         self._outer_params: dict | None = None
         self.last_round: RoundResult | None = None
