@@ -55,7 +55,8 @@ int main() {
         volatile float sink = 0;
         for (uint64_t j = 0; j < m; ++j) sink = sink + out[j];
         // the fused decode-and-select ops over the same exact-size buffers: 3 rows (register path)
-        // and 6 rows (tile path: the harness is built with TAPESTRY_REG_MAX=4)
+        // and 6 rows (two sorted runs, and the tile path for the mean around the median: the harness
+        // is built with TAPESTRY_REG_MAX=4)
         // (codec 0/1: int8/int4 as recorded; codec 2/3: the same bytes read as qlen / 2 float16 /
         // bfloat16 values, whatever bit patterns they hold)
         const void* codes[6] = {q, q, q, q, q, q};
@@ -72,6 +73,15 @@ int main() {
                 tapestry::coord_median_encoded(codes, scales6, codec, int64_t(block), n, mv, out);
                 tapestry::mean_around_median_encoded(codes, scales6, codec, int64_t(block), n, mv, rows, n / 2, 1,
                                                        out);
+                for (int64_t j = 0; j < mv; ++j) sink = sink + out[j];
+            }
+            if (records < 8) {  // 1030 rows: the float32 partitioning path (select_wide.h)
+                std::vector<const void*> many_codes(1030, q);
+                std::vector<const float*> many_scales(1030, s);
+                tapestry::trimmed_mean_encoded(many_codes.data(), many_scales.data(), codec, int64_t(block), 1030, mv,
+                                                 257, out);
+                tapestry::coord_median_encoded(many_codes.data(), many_scales.data(), codec, int64_t(block), 1030, mv,
+                                                 out);
                 for (int64_t j = 0; j < mv; ++j) sink = sink + out[j];
             }
         }

@@ -87,6 +87,58 @@ def test_coordinate_ops_match_reference(n, dtype):
                 assert_close(cpu.mean_around_median(X, rows, k), ref64("mean_around_median", X, rows, k), X.index_select(0, rows), what=f"around median n={n} m={m} k={k} d={d} {kind}")
 
 
+# Past the register networks: two sorted runs (select_runs.h, 32 < n <= 64) and, for float32,
+# partitioning (select_wide.h: median from n = 512, trimmed mean from n = 1024).
+WIDE_NS = [33, 48, 63, 64, 512, 1023, 1024, 1500]
+
+
+def awkward_columns(kind: str, n: int, d: int, seed: int) -> torch.Tensor:
+    """Columns built against a quickselect's pivots and tie handling."""
+    X = data(n, d, seed=seed, kind="common" if kind == "common" else "normal")
+    if kind == "sorted":
+        X = X.sort(0).values
+    elif kind == "reversed":
+        X = X.sort(0, descending=True).values
+    elif kind == "organ_pipe":  # ascending then descending: middle-of-three pivots at the extremes
+        s = X.sort(0).values
+        X = torch.cat([s[0::2], s[1::2].flip(0)])
+    elif kind == "equal":
+        X = X[:1].expand(n, d).clone()
+    elif kind == "two_values":
+        X = torch.where(X > 0.7, 1.0, -0.5)
+    elif kind == "poison":
+        X = poison(X, (n - 1) // 4)
+    return X
+
+
+@pytest.mark.parametrize("n", WIDE_NS)
+@pytest.mark.parametrize("kind", ["normal", "common", "sorted", "reversed", "organ_pipe", "equal", "two_values", "poison"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_many_rows_match_reference(n, kind, dtype):
+    X = awkward_columns(kind, n, 37, seed=n).to(dtype)
+    for f in trims(n):
+        assert_close(cpu.trimmed_mean(X, f), ref64("trimmed_mean", X, f), X, what=f"trimmed n={n} f={f} {kind}")
+    assert_close(cpu.coord_median(X), ref64("coord_median", X), X, what=f"median n={n} {kind}")
+
+
+@pytest.mark.parametrize("n", [48, 1024])
+def test_many_rows_same_bits_on_every_isa_and_blocking(n, isa_cap):
+    d = 301
+    X = poison(data(n, d, kind="ties", seed=5), n // 5) + data(n, d, seed=6)
+    f = n // 4 - 1
+    results = {}
+    for isa in SUPPORTED_ISAS:
+        isa_cap(isa)
+        results[isa] = (cpu.trimmed_mean(X, f), cpu.coord_median(X))
+        cuts = [0, 1, 16, 17, 64, 200, d]
+        parts = [(cpu.trimmed_mean(X[:, a:b], f), cpu.coord_median(X[:, a:b])) for a, b in zip(cuts, cuts[1:])]
+        for i, name in enumerate(("trimmed_mean", "median")):
+            assert same_bits(torch.cat([p[i] for p in parts]), results[isa][i]), f"{name} on {isa}: blocks differ"
+    for isa, res in results.items():
+        for got, want in zip(res, results[SUPPORTED_ISAS[0]]):
+            assert same_bits(got, want), f"isa {isa} differs from portable"
+
+
 @pytest.mark.parametrize("n,dtype", [(3, torch.float32), (5, torch.bfloat16), (4, torch.float16)], ids=str)
 def test_large_d(n, dtype):
     d = 1_000_003

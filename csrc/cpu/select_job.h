@@ -32,8 +32,11 @@ struct SelectJob {
     int nc;
     float* out;
     void (*reg_sort)(void*);  // an unrolled full sort for small m (then ca/cb are unused), or null
+    void (*reg_sort_b)(void*);  // two runs (select_runs.h): sorts rows [kRegMax, m); reg_sort rows [0, kRegMax)
     void (*reg_trim)(const SelectJob&, int64_t);  // trimmed mean, small m: a whole tile in registers, or null
     bool prefetch;  // ask for the rows' next tiles (not when the rows are a decoded tile in L1)
+    bool wide;      // trimmed mean / median by partitioning (select_wide.h), for many rows
+    int tile_w;     // columns per tile
 };
 
 template <class T>

@@ -108,6 +108,16 @@ TAPESTRY_INLINE float half_to_float(uint16_t h) {
     return f32_from_bits(bits_from_f32(f) | (static_cast<uint32_t>(h & 0x8000u) << 16));
 }
 
+// v where keep, else +0.0, through the bits: GCC if-converts (and so vectorises) a select of bits
+// but not a conditional floating-point add, which might trap.
+TAPESTRY_INLINE double kept_or_zero(double v, bool keep) {
+    uint64_t b;
+    std::memcpy(&b, &v, 8);
+    b &= -static_cast<uint64_t>(keep);
+    std::memcpy(&v, &b, 8);
+    return v;
+}
+
 TAPESTRY_INLINE float bf16_to_float(uint16_t h) { return f32_from_bits(static_cast<uint32_t>(h) << 16); }
 
 // Total-order keys: signed integers ordered like -Inf < finite < +Inf < NaN (torch.sort's order).

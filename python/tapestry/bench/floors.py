@@ -18,6 +18,7 @@ FLOORS = {"cpu": [("trimmed_mean", "float32", 2.0), ("median", "float32", 2.5), 
                   ("fused_int8_trimmed_mean", "int8", 1.3)],
           "cuda": [("trimmed_mean", "float32", 1.25), ("median", "float32", 1.25), ("mean", "float32", 1.11),
                    ("krum", "float32", 1.3)]}
+SWEEP_FLOOR = 1.3  # the sweep family: trimmed mean and median at any n within 1.3x a torch mean
 EXTRA_FLOOR_PCT = {"trimmed_mean": 10.0, "median": 10.0, "krum": 10.0}
 
 
@@ -29,6 +30,9 @@ def check_floors(rows: list[Row], device: str = "cpu") -> list[str]:
             if r.name == name and r.dtype == dtype and r.ratio is not None:
                 verdict = "ok" if r.ratio <= bar else "ABOVE"
                 lines.append(f"  {name} {dtype} [{r.backend}]: {r.ratio:.2f}x {r.baseline} (floor {bar}x) {verdict}")
+        if r.family == "sweep" and r.ratio is not None:
+            verdict = "ok" if r.ratio <= SWEEP_FLOOR else "ABOVE"
+            lines.append(f"  {r.name}: {r.ratio:.2f}x {r.baseline} (floor {SWEEP_FLOOR}x) {verdict}")
         if r.name in EXTRA_FLOOR_PCT and r.extra_pct is not None and r.dtype == "float32":
             bar = EXTRA_FLOOR_PCT[r.name]
             verdict = "ok" if r.extra_pct <= bar else "ABOVE"

@@ -31,7 +31,7 @@ import torch
 
 from .. import ops
 
-FAMILIES = ("robust", "compression", "secure", "collective", "byzfl", "privacy")  # modules of tapestry.bench
+FAMILIES = ("robust", "sweep", "compression", "secure", "collective", "byzfl", "privacy")  # modules of tapestry.bench
 
 
 @dataclass
