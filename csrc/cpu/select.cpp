@@ -285,7 +285,7 @@ void run_select(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, 
     const int full_w = dtype == kFloat32 ? kTileW<int32_t> : kTileW<int16_t>;
     const int64_t W = wide ? wide_tile_cols(static_cast<int>(m), full_w) : full_w;
     SelectJob J{static_cast<const char*>(X), off.data(), static_cast<int>(m), d, dtype, op, param,
-                ca.data(), cb.data(), static_cast<int>(ca.size()), out, reg, reg_b, trim, q == nullptr, wide,
+                ca.data(), cb.data(), static_cast<int>(ca.size()), out, reg, reg_b, trim, half_keys(isa), q == nullptr, wide,
                 static_cast<int>(W)};
     const TileFn fn = isa == kAvx512 ? select_tiles_avx512 : isa == kAvx2 ? select_tiles_avx2 : select_tiles_portable;
     const int64_t ntiles = (d + W - 1) / W;

@@ -2,8 +2,11 @@
 // network unrolled over vector registers (one register per wire), for sorting a tile and for the
 // trimmed mean straight from the rows (select.cpp picks these functions per n and ISA).
 #pragma once
+#include <immintrin.h>
+
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "networks.h"
@@ -88,6 +91,52 @@ TAPESTRY_INLINE void store_wires(const V* v, K* buf, std::index_sequence<I...>) 
     ((void)std::memcpy(buf + I * lanes, &v[I], sizeof(V)), ...);
 }
 
+// float16 keys -> float32 values through the F16C conversion (GCC does not vectorise _Float16
+// conversions itself); portable: simd.h's exact software conversion, which gives the same bits.
+using HalfKeysFn = void (*)(const int16_t* keys, int count, float* out);
+
+#pragma GCC diagnostic push  // GCC's _mm512_cvtph_ps starts from an "undefined" vector
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+TAPESTRY_AVX512 inline void half_keys_avx512(const int16_t* k, int count, float* out) {
+    for (int i = 0; i < count; i += 16) {
+        const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + i));
+        const __m256i raw = _mm256_xor_si256(s, _mm256_and_si256(_mm256_srai_epi16(s, 15), _mm256_set1_epi16(0x7fff)));
+        _mm512_storeu_ps(out + i, _mm512_cvtph_ps(raw));
+    }
+}
+#pragma GCC diagnostic pop
+TAPESTRY_AVX2 inline void half_keys_avx2(const int16_t* k, int count, float* out) {
+    for (int i = 0; i < count; i += 8) {
+        const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(k + i));
+        const __m128i raw = _mm_xor_si128(s, _mm_and_si128(_mm_srai_epi16(s, 15), _mm_set1_epi16(0x7fff)));
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(raw));
+    }
+}
+inline void half_keys_portable(const int16_t* k, int count, float* out) {
+    for (int i = 0; i < count; ++i) out[i] = F16::value_f(k[i]);
+}
+inline HalfKeysFn half_keys(Isa isa) {
+    return isa == kAvx512 ? half_keys_avx512 : isa == kAvx2 ? half_keys_avx2 : half_keys_portable;
+}
+
+// The summands: 16-bit keys through part_f / part_d, or float16 values already converted.
+template <class T>
+TAPESTRY_INLINE float summand_f(typename T::Key k) {
+    return part_f<T>(k);
+}
+template <class T>
+TAPESTRY_INLINE float summand_f(float v) {
+    return v;
+}
+template <class T>
+TAPESTRY_INLINE double summand_d(typename T::Key k) {
+    return part_d<T>(k);
+}
+template <class T>
+TAPESTRY_INLINE double summand_d(float v) {
+    return v;
+}
+
 // (GCC cannot see that store_wires writes every row of buf that the sums read)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -122,6 +171,17 @@ TAPESTRY_INLINE void trimmed_tile_regs(const SelectJob& J, int64_t j0) {
         }
         run_network<V, n>(v, std::make_index_sequence<Batcher<n>::count>{});
         store_wires<V>(v, buf, std::make_index_sequence<n>{});
+        // float16: the kept ranks converted in one call (F16C), the sums then read floats
+        constexpr bool half = std::is_same<T, F16>::value;
+        using S = std::conditional_t<half, float, K>;
+        alignas(64) float conv[half ? n * lanes : 1];
+        const S* sb;
+        if constexpr (half) {
+            J.half_keys(buf + f * lanes, (n - 2 * f) * lanes, conv + f * lanes);
+            sb = conv;
+        } else {
+            sb = buf;
+        }
         double a[lanes];
         for (int l = 0; l < lanes; ++l) a[l] = 0.0;
         int r = f;
@@ -134,23 +194,23 @@ TAPESTRY_INLINE void trimmed_tile_regs(const SelectJob& J, int64_t j0) {
             // 8 * 2^-24 max|x_i| per four ranks: at most 1.2e-7 of the range in the mean. A remaining
             // pair is summed the same way (select_tile's pairs).
             for (; r + 3 < n - f; r += 4) {
-                const K* x0 = buf + r * lanes;
-                const K* x1 = buf + (r + 1) * lanes;
-                const K* x2 = buf + (r + 2) * lanes;
-                const K* x3 = buf + (r + 3) * lanes;
+                const S* x0 = sb + r * lanes;
+                const S* x1 = sb + (r + 1) * lanes;
+                const S* x2 = sb + (r + 2) * lanes;
+                const S* x3 = sb + (r + 3) * lanes;
                 for (int l = 0; l < lanes; ++l)
-                    a[l] += static_cast<double>((part_f<T>(x0[l]) + part_f<T>(x1[l])) +
-                                                (part_f<T>(x2[l]) + part_f<T>(x3[l])));
+                    a[l] += static_cast<double>((summand_f<T>(x0[l]) + summand_f<T>(x1[l])) +
+                                                (summand_f<T>(x2[l]) + summand_f<T>(x3[l])));
             }
             for (; r + 1 < n - f; r += 2) {
-                const K* x = buf + r * lanes;
-                const K* y = buf + (r + 1) * lanes;
-                for (int l = 0; l < lanes; ++l) a[l] += static_cast<double>(part_f<T>(x[l]) + part_f<T>(y[l]));
+                const S* x = sb + r * lanes;
+                const S* y = sb + (r + 1) * lanes;
+                for (int l = 0; l < lanes; ++l) a[l] += static_cast<double>(summand_f<T>(x[l]) + summand_f<T>(y[l]));
             }
         }
         for (; r < n - f; ++r) {
-            const K* x = buf + r * lanes;
-            for (int l = 0; l < lanes; ++l) a[l] += part_d<T>(x[l]);
+            const S* x = sb + r * lanes;
+            for (int l = 0; l < lanes; ++l) a[l] += summand_d<T>(x[l]);
         }
         const double cnt = static_cast<double>(n - 2 * f);
         const int wl = std::min(lanes, w - g);
