@@ -52,7 +52,6 @@ template <class T, int OP, bool AVX512>
 TAPESTRY_INLINE void select_tile(const SelectJob& J, int64_t j0, void* scratch, double* acc, double* med,
                                  int32_t* start) {
     using K = typename T::Key;
-    using R = typename T::Raw;
     if constexpr (OP != kAroundMedian) {
         if (J.wide) {
             select_tile_wide<T, OP, AVX512>(J, j0, scratch, start);
@@ -69,21 +68,7 @@ TAPESTRY_INLINE void select_tile(const SelectJob& J, int64_t j0, void* scratch, 
     constexpr int W = kTileW<K>;
     const int m = J.m;
     const int w = static_cast<int>(std::min<int64_t>(W, J.d - j0));
-    for (int r = 0; r < m; ++r) {
-        const R* src = reinterpret_cast<const R*>(J.base + J.row_off[r]) + j0;
-        K* dst = t + static_cast<size_t>(r) * W;
-        // n rows are n separate streams, more than the hardware prefetcher follows: ask for this
-        // row's lines kPrefetchTiles tiles ahead (a prefetch past the end never faults).
-        if (J.prefetch)
-            for (int l = 0; l < W; l += 64 / static_cast<int>(sizeof(R)))
-                __builtin_prefetch(src + kPrefetchTiles * W + l, 0, 2);
-        if (w == W) {
-            for (int l = 0; l < W; ++l) dst[l] = T::key(src[l]);
-        } else {  // the last tile: lanes past d hold key 0 and are never stored
-            for (int l = 0; l < w; ++l) dst[l] = T::key(src[l]);
-            for (int l = w; l < W; ++l) dst[l] = 0;
-        }
-    }
+    load_key_tile<T>(J, j0, W, w, t);
     if constexpr (OP != kAroundMedian) {
         if (J.reg_sort_b) {  // two sorted runs (select_runs.h)
             J.reg_sort(t);

@@ -50,6 +50,23 @@ constexpr typename T::Key nan_above() {
         return 0x7f80;
 }
 
+// The tile of keys of the m rows' columns [j0, j0 + w) (row stride W; lanes w .. W-1 hold key 0).
+// The m rows are m separate streams, more than the hardware prefetcher follows: each row's lines
+// kPrefetchTiles tiles ahead are asked for here (a prefetch past the end never faults).
+template <class T>
+TAPESTRY_INLINE void load_key_tile(const SelectJob& J, int64_t j0, int W, int w, typename T::Key* t) {
+    using R = typename T::Raw;
+    for (int r = 0; r < J.m; ++r) {
+        const R* src = reinterpret_cast<const R*>(J.base + J.row_off[r]) + j0;
+        typename T::Key* dst = t + static_cast<size_t>(r) * W;
+        if (J.prefetch)
+            for (int l = 0; l < W; l += 64 / static_cast<int>(sizeof(R)))
+                __builtin_prefetch(src + kPrefetchTiles * W + l, 0, 2);
+        for (int l = 0; l < w; ++l) dst[l] = T::key(src[l]);
+        for (int l = w; l < W; ++l) dst[l] = 0;
+    }
+}
+
 // The float32 partial sums of 16-bit ranks below (two or four ranks) are taken on values scaled by
 // 2^-2 for bfloat16, whose largest finite values would otherwise overflow float32 when added
 // (float16 needs no scaling); the float64 total is scaled back. Both scalings are exact: bfloat16

@@ -279,19 +279,11 @@ inline int wide_tile_cols(int m, int W) {
 template <class T, int OP, bool AVX512>
 TAPESTRY_INLINE void select_tile_wide(const SelectJob& J, int64_t j0, void* tile, int32_t* scratch) {
     using K = typename T::Key;
-    using R = typename T::Raw;
     const int m = J.m;
     const int W = J.tile_w;
     const int wt = static_cast<int>(std::min<int64_t>(W, J.d - j0));
     K* t = static_cast<K*>(tile);
-    for (int r = 0; r < m; ++r) {
-        const R* src = reinterpret_cast<const R*>(J.base + J.row_off[r]) + j0;
-        K* dst = t + static_cast<size_t>(r) * W;
-        if (J.prefetch)
-            for (int l = 0; l < W; l += 64 / static_cast<int>(sizeof(R)))
-                __builtin_prefetch(src + kPrefetchTiles * W + l, 0, 2);
-        for (int l = 0; l < wt; ++l) dst[l] = T::key(src[l]);
-    }
+    load_key_tile<T>(J, j0, W, wt, t);
     int32_t* c = scratch;
     int32_t* A = c + static_cast<size_t>(kBlockCols) * m;
     int32_t* B = A + m;
