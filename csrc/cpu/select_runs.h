@@ -9,7 +9,6 @@
 // of each run hold the kept ranks of a trimmed mean, so only those are summed.
 #pragma once
 #include <algorithm>
-#include <climits>
 #include <cstdint>
 
 #include "select_job.h"
