@@ -83,7 +83,12 @@ TAPESTRY_INLINE void select_tile(const SelectJob& J, int64_t j0, void* scratch, 
                 else
                     corank_lanes(t, W, a, b, f - 1, c1);
                 corank_lanes(t, W, a, b, m - f - 1, c2);
-                return trimmed_from_coranks<T>(t, W, a, m, f, c1, c2, w, out);
+                float* values = nullptr;  // float16: the tile converted once (F16C) after the key tile
+                if constexpr (std::is_same<T, F16>::value) {
+                    values = reinterpret_cast<float*>(t + static_cast<size_t>(m) * W);
+                    J.half_keys(t, m * W, values);
+                }
+                return trimmed_from_coranks<T>(t, values, W, a, m, f, c1, c2, w, out);
             }
             // median: the middle rank, or the mean of the two middle ranks
             corank_lanes(t, W, a, b, m / 2, c2);
@@ -279,7 +284,8 @@ void run_select(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, 
     const int T = ntiles > 1 ? threads_for(m * d * static_cast<int64_t>(es), 128 << 10) : 1;
 #pragma omp parallel num_threads(T) if (T > 1)
     {
-        Scratch<char> t(static_cast<size_t>(m) * W * es);
+        // (two runs of float16: the values of the key tile follow it, select_runs.h)
+        Scratch<char> t(static_cast<size_t>(m) * W * (runs && dtype == kFloat16 ? es + 4 : es));
         Scratch<float> qt(q ? static_cast<size_t>(m) * kTileW<int32_t> : 0);
         Scratch<double> acc(kMaxW), med(kMaxW);
         Scratch<int32_t> s(wide ? 18 * static_cast<size_t>(m) : 2 * kMaxW);  // wide: select_tile_wide's columns

@@ -10,6 +10,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "select_job.h"
 #include "simd.h"
@@ -44,10 +45,11 @@ TAPESTRY_INLINE K rank_key(const K* t, int W, int a, int k, int i, int l) {
 // Trimmed mean per lane from the co-ranks c1 of f - 1 (0 for f = 0) and c2 of m - f - 1: the kept
 // ranks are A's rows [c1, c2) and B's rows [f - c1, m - f - c2), summed in float64 in that order
 // (sorted runs: the order depends only on the values). Only the rows some lane keeps are read.
+// float16: `values` holds the tile's keys already converted (F16C), read in their place.
 template <class T>
-TAPESTRY_INLINE void trimmed_from_coranks(const typename T::Key* t, int W, int a, int m, int f, const int32_t* c1,
-                                          const int32_t* c2, int w, float* out) {
-    using K = typename T::Key;
+TAPESTRY_INLINE void trimmed_from_coranks(const typename T::Key* t, const float* values, int W, int a, int m, int f,
+                                          const int32_t* c1, const int32_t* c2, int w, float* out) {
+    constexpr bool half = std::is_same<T, F16>::value;
     for (int l0 = 0; l0 < W; l0 += 32) {
         double acc[32];
         int32_t a0[32], a1[32], b0[32], b1[32];
@@ -57,14 +59,21 @@ TAPESTRY_INLINE void trimmed_from_coranks(const typename T::Key* t, int W, int a
             a0[l] = c1[l0 + l], a1[l] = c2[l0 + l], b0[l] = f - a0[l], b1[l] = m - f - a1[l];
             ra0 = std::min(ra0, a0[l]), ra1 = std::max(ra1, a1[l]), rb0 = std::min(rb0, b0[l]), rb1 = std::max(rb1, b1[l]);
         }
-        for (int r = ra0; r < ra1; ++r) {
-            const K* x = t + static_cast<size_t>(r) * W + l0;
-            for (int l = 0; l < 32; ++l) acc[l] += kept_or_zero(T::value(x[l]), (r >= a0[l]) & (r < a1[l]));
-        }
-        for (int r = rb0; r < rb1; ++r) {
-            const K* x = t + static_cast<size_t>(a + r) * W + l0;
-            for (int l = 0; l < 32; ++l) acc[l] += kept_or_zero(T::value(x[l]), (r >= b0[l]) & (r < b1[l]));
-        }
+        auto add_rows = [&](int row0, int lo, int hi, const int32_t* keep0, const int32_t* keep1) {
+            for (int r = lo; r < hi; ++r) {
+                const size_t off = static_cast<size_t>(row0 + r) * W + l0;
+                for (int l = 0; l < 32; ++l) {
+                    double v;
+                    if constexpr (half)
+                        v = values[off + l];
+                    else
+                        v = T::value(t[off + l]);
+                    acc[l] += kept_or_zero(v, (r >= keep0[l]) & (r < keep1[l]));
+                }
+            }
+        };
+        add_rows(0, ra0, ra1, a0, a1);
+        add_rows(a, rb0, rb1, b0, b1);
         for (int l = 0; l < 32 && l0 + l < w; ++l) out[l0 + l] = static_cast<float>(acc[l] / static_cast<double>(m - 2 * f));
     }
 }
