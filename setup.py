@@ -102,11 +102,24 @@ class BuildExt(build_ext):
             gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
             gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
             cmd = [str(ext.cuda_home / "bin" / "nvcc"), "-c", src, "-o", str(obj), *OPT, "-std=c++17",
-                   "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", *gencode, *includes]
+                   "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-Xptxas", "-v", *gencode, *includes]
         else:
             cmd = [self._cxx(), "-c", src, "-o", str(obj), "-fPIC", *ext.extra_compile_args, *includes]
         print(f"tapestry: compile {src}")
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        if not src.endswith(".cu"):
+            subprocess.run(cmd, check=True, cwd=ROOT)
+            return str(obj)
+        # ptxas's register, spill and shared-memory report per kernel goes to build/ptxas/ (read by
+        # tests/test_kernels_cuda.py); everything else nvcc says is shown as usual
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        ptxas = [line for line in res.stderr.splitlines() if line.startswith("ptxas info") or line.startswith("    ")]
+        print(res.stdout, end="")
+        print("\n".join(line for line in res.stderr.splitlines() if line not in ptxas))
+        if res.returncode:
+            raise subprocess.CalledProcessError(res.returncode, cmd)
+        report = ROOT / "build" / "ptxas" / (Path(src).name + ".txt")
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text("\n".join(ptxas) + "\n")
         return str(obj)
 
 

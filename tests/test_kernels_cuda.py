@@ -7,6 +7,7 @@ harness compiled with nvcc, against the reference. With a GPU (tests marked ``gp
 against the reference, at sizes the CPU cannot afford, and the device checks.
 """
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -42,6 +43,57 @@ def cuda_ext():
             raise AssertionError(f"nvcc exists but tapestry._cuda does not import: {mod}")
         pytest.skip("tapestry._cuda not built (no nvcc)")
     return mod
+
+
+def ptxas_records(text: str, arch: str) -> dict[str, dict]:
+    """Per kernel compiled for ``arch``: registers, shared memory, stack frame and spills, from
+    ptxas's -v report (setup.py keeps it in build/ptxas/)."""
+    records: dict[str, dict] = {}
+    cur = name = None
+    for line in text.splitlines():
+        if m := re.match(r"ptxas info\s*: Compiling entry function '(\S+)' for '(\w+)'", line):
+            cur = m[1] if m[2] == arch else None
+            name = None
+        elif cur and (m := re.match(r"ptxas info\s*: Function properties for (\S+)", line)):
+            name = m[1]
+        elif cur and name and (m := re.match(r"\s+(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            records.setdefault(name, {}).update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+        elif cur and (m := re.match(r"ptxas info\s*: Used (\d+) registers", line)):
+            smem = re.search(r"(\d+) bytes smem", line)
+            records.setdefault(cur, {}).update(registers=int(m[1]), smem=int(smem[1]) if smem else 0)
+    return records
+
+
+def test_ptxas_report_parser_sees_spills_and_arch():
+    text = """ptxas info    : Compiling entry function 'k1' for 'sm_80'
+ptxas info    : Function properties for k1
+    8 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 255 registers, used 0 barriers
+ptxas info    : Compiling entry function 'k1' for 'sm_90'
+ptxas info    : Function properties for k1
+    16 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 20480 bytes smem, 408 bytes cmem[0]
+"""
+    assert ptxas_records(text, "sm_90") == {"k1": {"stack": 16, "spill_stores": 4, "spill_loads": 12, "registers": 64,
+                                                   "smem": 20480}}
+
+
+@needs_nvcc
+def test_no_cuda_kernel_spills_or_uses_local_memory_on_sm90(cuda_ext):
+    """Every CUDA kernel (and every device function ptxas reports) for sm_90: no spill stores or
+    loads and no stack frame (local memory); registers and shared memory printed as the record."""
+    sources = sorted(p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+    reports = ROOT / "build" / "ptxas"
+    assert sorted(p.stem for p in reports.glob("*.cu.txt")) == sources, f"setup.py writes one report per .cu to {reports}"
+    bad = []
+    for src in sources:
+        records = ptxas_records((reports / f"{src}.txt").read_text(), "sm_90")
+        assert any("registers" in r for r in records.values()), f"{src}: no sm_90 kernel in the report"
+        for name, r in sorted(records.items()):
+            print(f"{src} {name}: {r}")
+            if r.get("stack", 0) or r.get("spill_stores", 0) or r.get("spill_loads", 0):
+                bad.append(f"{src} {name}: {r}")
+    assert not bad, "local memory or spills on sm_90:\n" + "\n".join(bad)
 
 
 ROBUST = ["weighted_mean", "trimmed_mean", "coord_median", "mean_around_median"]
