@@ -18,6 +18,7 @@ import torch
 
 import tapestry as tp
 from tapestry import _native, ops, reference
+from tapestry.backends import cuda as cuda_backend
 from checks import DTYPES, assert_close, direct_distances, distances, make
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +127,13 @@ def test_launch_errors_become_python_exceptions(cuda_ext):
         cuda_ext.trimmed_mean(0, 0, 5, 16, 16, 1, 0, 0, 0)
     with pytest.raises(RuntimeError, match=r"weighted_mean: CUDA error"):
         cuda_ext.weighted_mean(0, 0, 16, 16, 0, 0, 3, 0, 0, 0)
+    # every binding takes (stream, device) last, as backends/cuda.py passes them, and fails cleanly
+    calls = {"quantize_int8": (0, 0, 16, 8, False, 0, 0, 0, 0), "quantize_int4": (0, 0, 16, 8, False, 0, 0, 0, 0),
+             "dequantize_int8": ([0], [0], 16, 8, [0]), "dequantize_int4": ([0], [0], 16, 8, [0]),
+             "chacha20_keystream": (0, 0, 0, 0, 16), "chacha20_mask": (0, 0, 16, 0, 0, 1, 0, 0)}
+    for name, args in calls.items():
+        with pytest.raises(RuntimeError, match=name):
+            getattr(cuda_ext, name)(*args, 0, 0)
 
 
 def test_forcing_cuda_on_cpu_tensors_names_backend_and_device():
@@ -291,7 +299,22 @@ def test_two_gpus():
     with pytest.raises(ValueError, match=r"cuda:0.*cuda:1"):
         tp.median([torch.randn(4, device="cuda:0"), torch.randn(4, device="cuda:1")])
     X = make(9, 4099, seed=2, device="cuda:1")
+    torch.cuda.set_device(0)
     with tp.backend("cuda"):
         out = tp.trimmed_mean(X, f=2)
     assert out.device == X.device
     assert_close(out, reference.trimmed_mean(X, 2), X)
+    # the launch ran on cuda:1 and left the caller's current device where it was
+    q, s = cuda_backend.quantize_int8(X[0], 64, None)
+    assert q.device == X.device and torch.cuda.current_device() == 0
+
+
+@pytest.mark.gpu
+def test_launch_leaves_the_current_device_alone():
+    before = torch.cuda.current_device()
+    X = make(9, 4099, seed=3, device=f"cuda:{before}")
+    with tp.backend("cuda"):
+        tp.median(X)
+    cuda_backend.chacha20_keystream(torch.zeros(8, dtype=torch.int32, device=X.device),
+                            torch.zeros(3, dtype=torch.int32, device=X.device), 0, 64)
+    assert torch.cuda.current_device() == before

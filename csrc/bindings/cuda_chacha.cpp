@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cuda/chacha.cuh"
+#include "cuda_device.h"
 
 namespace py = pybind11;
 
@@ -18,24 +19,32 @@ static void check(cudaError_t err, const char* what) {
 
 void bind_cuda_chacha(py::module_& m) {
     m.def("chacha20_keystream",
-          [](uintptr_t out, uintptr_t key, uintptr_t nonce, uint64_t offset, int64_t count, uintptr_t stream) {
+          [](uintptr_t out, uintptr_t key, uintptr_t nonce, uint64_t offset, int64_t count, uintptr_t stream,
+             int device) {
               cudaError_t err;
               {
                   py::gil_scoped_release release;
-                  err = tapestry::cuda::chacha20_keystream(ptr<uint32_t>(out), ptr<const uint32_t>(key),
+                  const tapestry::DeviceGuard guard(device);
+                  err = guard.error();
+                  if (err == cudaSuccess)
+                      err = tapestry::cuda::chacha20_keystream(ptr<uint32_t>(out), ptr<const uint32_t>(key),
                                                            ptr<const uint32_t>(nonce), offset, count,
                                                            reinterpret_cast<cudaStream_t>(stream));
               }
               check(err, "chacha20_keystream launch");
           },
-          py::arg("out"), py::arg("key"), py::arg("nonce"), py::arg("offset"), py::arg("count"), py::arg("stream"));
+          py::arg("out"), py::arg("key"), py::arg("nonce"), py::arg("offset"), py::arg("count"), py::arg("stream"),
+          py::arg("device"));
     m.def("chacha20_mask",
           [](uintptr_t out, uintptr_t x, int64_t count, uintptr_t keys, uintptr_t signs, int64_t nkeys, uintptr_t nonce,
-             uint64_t offset, uintptr_t stream) {
+             uint64_t offset, uintptr_t stream, int device) {
               cudaError_t err;
               {
                   py::gil_scoped_release release;
-                  err = tapestry::cuda::chacha20_mask(ptr<uint32_t>(out), ptr<const uint32_t>(x), count,
+                  const tapestry::DeviceGuard guard(device);
+                  err = guard.error();
+                  if (err == cudaSuccess)
+                      err = tapestry::cuda::chacha20_mask(ptr<uint32_t>(out), ptr<const uint32_t>(x), count,
                                                       ptr<const uint32_t>(keys), ptr<const int8_t>(signs), nkeys,
                                                       ptr<const uint32_t>(nonce), offset,
                                                       reinterpret_cast<cudaStream_t>(stream));
@@ -43,5 +52,5 @@ void bind_cuda_chacha(py::module_& m) {
               check(err, "chacha20_mask launch");
           },
           py::arg("out"), py::arg("x"), py::arg("count"), py::arg("keys"), py::arg("signs"), py::arg("nkeys"),
-          py::arg("nonce"), py::arg("offset"), py::arg("stream"));
+          py::arg("nonce"), py::arg("offset"), py::arg("stream"), py::arg("device"));
 }

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cuda/robust.cuh"
+#include "cuda_device.h"
 
 namespace py = pybind11;
 using tapestry::kMaxSelectRows;
@@ -20,10 +21,6 @@ T* ptr(uintptr_t p) {
 }
 
 cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
-
-// The extension links its own (static) CUDA runtime, whose current device is not torch's: select
-// the tensors' GPU before every launch, so that the stream and pointers belong to it.
-cudaError_t on_device(int device) { return cudaSetDevice(device); }
 
 void check(cudaError_t err, const char* op) {
     if (err != cudaSuccess)
@@ -42,7 +39,8 @@ void bind_cuda_robust(py::module_& m) {
             cudaError_t err;
             {
                 py::gil_scoped_release nogil;
-                err = on_device(device);
+                const tapestry::DeviceGuard guard(device);
+                err = guard.error();
                 if (err == cudaSuccess)
                     err = tapestry::weighted_mean(ptr<const void>(X), dtype, d, stride, ptr<const int64_t>(rows),
                                               ptr<const double>(weights), n_rows, ptr<float>(out), stream_of(stream));
@@ -58,7 +56,8 @@ void bind_cuda_robust(py::module_& m) {
             cudaError_t err;
             {
                 py::gil_scoped_release nogil;
-                err = on_device(device);
+                const tapestry::DeviceGuard guard(device);
+                err = guard.error();
                 if (err == cudaSuccess)
                     err = tapestry::trimmed_mean(ptr<const void>(X), dtype, n, d, stride, f, ptr<float>(out),
                                              stream_of(stream));
@@ -73,7 +72,8 @@ void bind_cuda_robust(py::module_& m) {
             cudaError_t err;
             {
                 py::gil_scoped_release nogil;
-                err = on_device(device);
+                const tapestry::DeviceGuard guard(device);
+                err = guard.error();
                 if (err == cudaSuccess)
                     err = tapestry::coord_median(ptr<const void>(X), dtype, n, d, stride, ptr<float>(out),
                                              stream_of(stream));
@@ -89,7 +89,8 @@ void bind_cuda_robust(py::module_& m) {
             cudaError_t err;
             {
                 py::gil_scoped_release nogil;
-                err = on_device(device);
+                const tapestry::DeviceGuard guard(device);
+                err = guard.error();
                 if (err == cudaSuccess)
                     err = tapestry::mean_around_median(ptr<const void>(X), dtype, d, stride, ptr<const int64_t>(rows),
                                                    n_rows, k, ptr<float>(out), stream_of(stream));

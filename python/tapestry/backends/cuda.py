@@ -56,8 +56,10 @@ def _robust_input(X: torch.Tensor, op: str) -> tuple[torch.Tensor, int]:
     return X, DTYPE_CODES[X.dtype]
 
 
-def _launch(X: torch.Tensor) -> dict:
-    return {"stream": torch.cuda.current_stream(X.device).cuda_stream, "device": X.device.index}
+def _launch(X: torch.Tensor) -> tuple[int, int]:
+    """The last two arguments of every tapestry._cuda call: X's current stream and its device (the
+    binding makes that device current for the launch and restores the caller's after)."""
+    return torch.cuda.current_stream(X.device).cuda_stream, X.device.index
 
 
 def weighted_mean(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,7 @@ def weighted_mean(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     weights = w[keep].to(X.device)
     out = torch.empty(d, dtype=torch.float32, device=X.device)
     _native.require("_cuda").weighted_mean(X.data_ptr(), code, d, X.stride(0), rows.data_ptr(), weights.data_ptr(),
-                                           keep.numel(), out.data_ptr(), **_launch(X))
+                                           keep.numel(), out.data_ptr(), *_launch(X))
     return out
 
 
@@ -77,7 +79,7 @@ def trimmed_mean(X: torch.Tensor, f: int) -> torch.Tensor:
     X, code = _robust_input(X, "trimmed_mean")
     n, d = X.shape
     out = torch.empty(d, dtype=torch.float32, device=X.device)
-    _native.require("_cuda").trimmed_mean(X.data_ptr(), code, n, d, X.stride(0), f, out.data_ptr(), **_launch(X))
+    _native.require("_cuda").trimmed_mean(X.data_ptr(), code, n, d, X.stride(0), f, out.data_ptr(), *_launch(X))
     return out
 
 
@@ -85,7 +87,7 @@ def coord_median(X: torch.Tensor) -> torch.Tensor:
     X, code = _robust_input(X, "coord_median")
     n, d = X.shape
     out = torch.empty(d, dtype=torch.float32, device=X.device)
-    _native.require("_cuda").coord_median(X.data_ptr(), code, n, d, X.stride(0), out.data_ptr(), **_launch(X))
+    _native.require("_cuda").coord_median(X.data_ptr(), code, n, d, X.stride(0), out.data_ptr(), *_launch(X))
     return out
 
 
@@ -95,7 +97,7 @@ def mean_around_median(X: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Ten
     rows = rows.to(device=X.device, dtype=torch.int64).contiguous()
     out = torch.empty(d, dtype=torch.float32, device=X.device)
     _native.require("_cuda").mean_around_median(X.data_ptr(), code, d, X.stride(0), rows.data_ptr(), rows.numel(), k,
-                                                out.data_ptr(), **_launch(X))
+                                                out.data_ptr(), *_launch(X))
     return out
 
 
@@ -129,10 +131,6 @@ def gram(X: torch.Tensor) -> torch.Tensor:
 # compression (csrc/cuda/quant.cu)
 
 
-def _quant_stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
 def _quantize_cuda(name: str, x: torch.Tensor, block: int, key, nbytes: int, out=None):
     from .cpu import DTYPE_CODES
 
@@ -143,9 +141,8 @@ def _quantize_cuda(name: str, x: torch.Tensor, block: int, key, nbytes: int, out
         q = torch.empty(nbytes, dtype=torch.int8 if name == "quantize_int8" else torch.uint8, device=x.device)
         scales = torch.empty(-(-m // block), dtype=torch.float32, device=x.device)
     k0, k1 = key if key is not None else (0, 0)
-    with torch.cuda.device(x.device):
-        getattr(_native.require("_cuda"), name)(x.data_ptr(), DTYPE_CODES[x.dtype], m, block, key is not None, k0, k1,
-                                                q.data_ptr(), scales.data_ptr(), _quant_stream(x))
+    getattr(_native.require("_cuda"), name)(x.data_ptr(), DTYPE_CODES[x.dtype], m, block, key is not None, k0, k1,
+                                            q.data_ptr(), scales.data_ptr(), *_launch(x))
     return q, scales
 
 
@@ -161,10 +158,9 @@ def _dequantize_cuda(name: str, qs, scales, block: int, outs, start: int, qoff: 
     if not outs:
         return outs
     soff = 4 * (start // block)
-    with torch.cuda.device(outs[0].device):
-        getattr(_native.require("_cuda"), name)([q.data_ptr() + qoff for q in qs], [s.data_ptr() + soff for s in scales],
-                                                outs[0].numel(), block, [o.data_ptr() for o in outs],
-                                                _quant_stream(outs[0]))
+    getattr(_native.require("_cuda"), name)([q.data_ptr() + qoff for q in qs], [s.data_ptr() + soff for s in scales],
+                                            outs[0].numel(), block, [o.data_ptr() for o in outs],
+                                            *_launch(outs[0]))
     return outs
 
 
@@ -180,15 +176,11 @@ def dequantize_int4(qs, scales, block: int, outs, start: int = 0):
 # secure sum (csrc/cuda/chacha.cu)
 
 
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
 def chacha20_keystream(key: torch.Tensor, nonce: torch.Tensor, offset: int, count: int) -> torch.Tensor:
     out = torch.empty(count, dtype=torch.int32, device=key.device)
     key, nonce = key.contiguous(), nonce.contiguous()
     _native.require("_cuda").chacha20_keystream(out.data_ptr(), key.data_ptr(), nonce.data_ptr(), offset, count,
-                                                _stream(key))
+                                                *_launch(key))
     return out
 
 
@@ -199,5 +191,5 @@ def chacha20_mask(x: torch.Tensor, keys: torch.Tensor, signs: torch.Tensor, nonc
         out = torch.empty_like(x)
     keys, signs, nonce = keys.contiguous(), signs.to(torch.int8).contiguous(), nonce.contiguous()
     _native.require("_cuda").chacha20_mask(out.data_ptr(), x.data_ptr(), x.numel(), keys.data_ptr(), signs.data_ptr(),
-                                           keys.shape[0], nonce.data_ptr(), offset, _stream(x))
+                                           keys.shape[0], nonce.data_ptr(), offset, *_launch(x))
     return out
