@@ -8,11 +8,12 @@
 // inputs) are transposed into 16 contiguous columns (an in-register 16 x 16 transpose on AVX-512).
 // Per column, the two ranks the op reads (f and n-f-1, or the middle one or two) are found by a
 // three-way quickselect that ping-pongs between two scratch columns (AVX-512: compress-stores
-// 16 keys per step), with the pivot taken from a small sorted sample at the target's quantile, and
-// std::sort below 16 values or past a depth bound (a crafted column costs O(n log n), never more).
+// 16 keys per step), with the pivot the one of three keys nearest the targets' quantile; at most
+// 16 keys are ranked by counting (AVX-512) or sorted, and so is a column past a depth bound (a
+// crafted column costs O(n log n), never more).
 // The trimmed sum is then taken in a fixed order that does not depend on how the ranks were found:
-// the column's values strictly between the two rank keys, in row order into 8 interleaved float64
-// partial sums combined as a fixed tree, plus the copies of the two rank keys that fall inside the
+// the column's values strictly between the two rank keys, in row order into 32 interleaved
+// float64 partial sums combined as a fixed tree, plus the copies of the two rank keys that fall inside the
 // kept ranks (counted). Every ISA therefore gives the same bits, and any tiling does too.
 #pragma once
 #include <immintrin.h>
