@@ -24,12 +24,11 @@ void bind_cuda_chacha(py::module_& m) {
               cudaError_t err;
               {
                   py::gil_scoped_release release;
-                  const tapestry::DeviceGuard guard(device);
-                  err = guard.error();
-                  if (err == cudaSuccess)
-                      err = tapestry::cuda::chacha20_keystream(ptr<uint32_t>(out), ptr<const uint32_t>(key),
-                                                           ptr<const uint32_t>(nonce), offset, count,
-                                                           reinterpret_cast<cudaStream_t>(stream));
+                  err = tapestry::on_device(device, [&] {
+                      return tapestry::cuda::chacha20_keystream(ptr<uint32_t>(out), ptr<const uint32_t>(key),
+                                                                ptr<const uint32_t>(nonce), offset, count,
+                                                                reinterpret_cast<cudaStream_t>(stream));
+                  });
               }
               check(err, "chacha20_keystream launch");
           },
@@ -41,13 +40,12 @@ void bind_cuda_chacha(py::module_& m) {
               cudaError_t err;
               {
                   py::gil_scoped_release release;
-                  const tapestry::DeviceGuard guard(device);
-                  err = guard.error();
-                  if (err == cudaSuccess)
-                      err = tapestry::cuda::chacha20_mask(ptr<uint32_t>(out), ptr<const uint32_t>(x), count,
-                                                      ptr<const uint32_t>(keys), ptr<const int8_t>(signs), nkeys,
-                                                      ptr<const uint32_t>(nonce), offset,
-                                                      reinterpret_cast<cudaStream_t>(stream));
+                  err = tapestry::on_device(device, [&] {
+                      return tapestry::cuda::chacha20_mask(ptr<uint32_t>(out), ptr<const uint32_t>(x), count,
+                                                           ptr<const uint32_t>(keys), ptr<const int8_t>(signs),
+                                                           nkeys, ptr<const uint32_t>(nonce), offset,
+                                                           reinterpret_cast<cudaStream_t>(stream));
+                  });
               }
               check(err, "chacha20_mask launch");
           },

@@ -29,4 +29,12 @@ class DeviceGuard {
     cudaError_t err_;
 };
 
+// launch() (returning a cudaError_t) with `device` current; the guard's own error if it could
+// not be made current.
+template <class Launch>
+cudaError_t on_device(int device, Launch&& launch) {
+    const DeviceGuard guard(device);
+    return guard.error() == cudaSuccess ? launch() : guard.error();
+}
+
 }  // namespace tapestry

@@ -40,11 +40,12 @@ void bind_cuda_quant(py::module_& m) {
         cudaError_t err;
         {
             py::gil_scoped_release nogil;
-            const tapestry::DeviceGuard guard(device);
-            err = guard.error();
-            if (err == cudaSuccess) err = tapestry::quantize_int8_cuda(reinterpret_cast<const void*>(x), dtype, n, block, stochastic, k0, k1,
-                                               reinterpret_cast<int8_t*>(q), reinterpret_cast<float*>(scales),
-                                               reinterpret_cast<cudaStream_t>(stream));
+            err = tapestry::on_device(device, [&] {
+                return tapestry::quantize_int8_cuda(reinterpret_cast<const void*>(x), dtype, n, block, stochastic,
+                                                    k0, k1, reinterpret_cast<int8_t*>(q),
+                                                    reinterpret_cast<float*>(scales),
+                                                    reinterpret_cast<cudaStream_t>(stream));
+            });
         }
         check(err, "quantize_int8");
     });
@@ -53,11 +54,12 @@ void bind_cuda_quant(py::module_& m) {
         cudaError_t err;
         {
             py::gil_scoped_release nogil;
-            const tapestry::DeviceGuard guard(device);
-            err = guard.error();
-            if (err == cudaSuccess) err = tapestry::quantize_int4_cuda(reinterpret_cast<const void*>(x), dtype, n, block, stochastic, k0, k1,
-                                               reinterpret_cast<uint8_t*>(packed), reinterpret_cast<float*>(scales),
-                                               reinterpret_cast<cudaStream_t>(stream));
+            err = tapestry::on_device(device, [&] {
+                return tapestry::quantize_int4_cuda(reinterpret_cast<const void*>(x), dtype, n, block, stochastic,
+                                                    k0, k1, reinterpret_cast<uint8_t*>(packed),
+                                                    reinterpret_cast<float*>(scales),
+                                                    reinterpret_cast<cudaStream_t>(stream));
+            });
         }
         check(err, "quantize_int4");
     });
@@ -69,10 +71,10 @@ void bind_cuda_quant(py::module_& m) {
         cudaError_t err;
         {
             py::gil_scoped_release nogil;
-            const tapestry::DeviceGuard guard(device);
-            err = guard.error();
-            if (err == cudaSuccess) err = tapestry::dequantize_int8_cuda(qp.data(), sp.data(), int64_t(qp.size()), mm, block, op.data(),
-                                                 reinterpret_cast<cudaStream_t>(stream));
+            err = tapestry::on_device(device, [&] {
+                return tapestry::dequantize_int8_cuda(qp.data(), sp.data(), int64_t(qp.size()), mm, block, op.data(),
+                                                      reinterpret_cast<cudaStream_t>(stream));
+            });
         }
         check(err, "dequantize_int8");
     });
@@ -84,10 +86,10 @@ void bind_cuda_quant(py::module_& m) {
         cudaError_t err;
         {
             py::gil_scoped_release nogil;
-            const tapestry::DeviceGuard guard(device);
-            err = guard.error();
-            if (err == cudaSuccess) err = tapestry::dequantize_int4_cuda(qp.data(), sp.data(), int64_t(qp.size()), mm, block, op.data(),
-                                                 reinterpret_cast<cudaStream_t>(stream));
+            err = tapestry::on_device(device, [&] {
+                return tapestry::dequantize_int4_cuda(qp.data(), sp.data(), int64_t(qp.size()), mm, block, op.data(),
+                                                      reinterpret_cast<cudaStream_t>(stream));
+            });
         }
         check(err, "dequantize_int4");
     });

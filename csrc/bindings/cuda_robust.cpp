@@ -39,11 +39,11 @@ void bind_cuda_robust(py::module_& m) {
             cudaError_t err;
             {
                 py::gil_scoped_release nogil;
-                const tapestry::DeviceGuard guard(device);
-                err = guard.error();
-                if (err == cudaSuccess)
-                    err = tapestry::weighted_mean(ptr<const void>(X), dtype, d, stride, ptr<const int64_t>(rows),
-                                              ptr<const double>(weights), n_rows, ptr<float>(out), stream_of(stream));
+                err = tapestry::on_device(device, [&] {
+                    return tapestry::weighted_mean(ptr<const void>(X), dtype, d, stride, ptr<const int64_t>(rows),
+                                                   ptr<const double>(weights), n_rows, ptr<float>(out),
+                                                   stream_of(stream));
+                });
             }
             check(err, "weighted_mean");
         },
@@ -56,11 +56,10 @@ void bind_cuda_robust(py::module_& m) {
             cudaError_t err;
             {
                 py::gil_scoped_release nogil;
-                const tapestry::DeviceGuard guard(device);
-                err = guard.error();
-                if (err == cudaSuccess)
-                    err = tapestry::trimmed_mean(ptr<const void>(X), dtype, n, d, stride, f, ptr<float>(out),
-                                             stream_of(stream));
+                err = tapestry::on_device(device, [&] {
+                    return tapestry::trimmed_mean(ptr<const void>(X), dtype, n, d, stride, f, ptr<float>(out),
+                                                  stream_of(stream));
+                });
             }
             check(err, "trimmed_mean");
         },
@@ -72,11 +71,10 @@ void bind_cuda_robust(py::module_& m) {
             cudaError_t err;
             {
                 py::gil_scoped_release nogil;
-                const tapestry::DeviceGuard guard(device);
-                err = guard.error();
-                if (err == cudaSuccess)
-                    err = tapestry::coord_median(ptr<const void>(X), dtype, n, d, stride, ptr<float>(out),
-                                             stream_of(stream));
+                err = tapestry::on_device(device, [&] {
+                    return tapestry::coord_median(ptr<const void>(X), dtype, n, d, stride, ptr<float>(out),
+                                                  stream_of(stream));
+                });
             }
             check(err, "coord_median");
         },
@@ -89,11 +87,11 @@ void bind_cuda_robust(py::module_& m) {
             cudaError_t err;
             {
                 py::gil_scoped_release nogil;
-                const tapestry::DeviceGuard guard(device);
-                err = guard.error();
-                if (err == cudaSuccess)
-                    err = tapestry::mean_around_median(ptr<const void>(X), dtype, d, stride, ptr<const int64_t>(rows),
-                                                   n_rows, k, ptr<float>(out), stream_of(stream));
+                err = tapestry::on_device(device, [&] {
+                    return tapestry::mean_around_median(ptr<const void>(X), dtype, d, stride,
+                                                        ptr<const int64_t>(rows), n_rows, k, ptr<float>(out),
+                                                        stream_of(stream));
+                });
             }
             check(err, "mean_around_median");
         },
