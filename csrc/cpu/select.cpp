@@ -70,35 +70,7 @@ TAPESTRY_INLINE void select_tile(const SelectJob& J, int64_t j0, void* scratch, 
     const int w = static_cast<int>(std::min<int64_t>(W, J.d - j0));
     load_key_tile<T>(J, j0, W, w, t);
     if constexpr (OP != kAroundMedian) {
-        if (J.reg_sort_b) {  // two sorted runs (select_runs.h)
-            J.reg_sort(t);
-            J.reg_sort_b(t + static_cast<size_t>(kRegMax) * W);
-            int32_t* c1 = start;
-            int32_t* c2 = start + kMaxW;
-            const int a = kRegMax, b = m - kRegMax, f = J.param;
-            float* out = J.out + j0;
-            if (OP == kTrimmed) {
-                if (f == 0)
-                    std::fill(c1, c1 + W, 0);
-                else
-                    corank_lanes(t, W, a, b, f - 1, c1);
-                corank_lanes(t, W, a, b, m - f - 1, c2);
-                float* values = nullptr;  // float16: the tile converted once (F16C) after the key tile
-                if constexpr (std::is_same<T, F16>::value) {
-                    values = reinterpret_cast<float*>(t + static_cast<size_t>(m) * W);
-                    J.half_keys(t, m * W, values);
-                }
-                return trimmed_from_coranks<T>(t, values, W, a, m, f, c1, c2, w, out);
-            }
-            // median: the middle rank, or the mean of the two middle ranks
-            corank_lanes(t, W, a, b, m / 2, c2);
-            if (m % 2 == 0) corank_lanes(t, W, a, b, m / 2 - 1, c1);
-            for (int l = 0; l < w; ++l) {
-                const double hi = T::value(rank_key(t, W, a, m / 2, c2[l], l));
-                out[l] = static_cast<float>(m % 2 ? hi : (T::value(rank_key(t, W, a, m / 2 - 1, c1[l], l)) + hi) * 0.5);
-            }
-            return;
-        }
+        if (J.reg_sort_b) return select_tile_runs<T, OP>(J, j0, t, w, start);  // two sorted runs
     }
     if (J.reg_sort) {
         J.reg_sort(t);

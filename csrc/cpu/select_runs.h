@@ -1,18 +1,19 @@
-// Trimmed mean and median for kRegMax < n <= 2 kRegMax rows: two sorted runs and a co-rank search,
+// Trimmed mean and median for kRegMax < n <= 2 kRegMax rows: two sorted runs and their co-ranks,
 // instead of a network for the next power of two that no longer fits in registers.
 //
 // The tile's rows [0, 32) and [32, n) are sorted per lane by the unrolled register networks
 // (select_regs.h), which keep every wire in a register. The key of rank k of the union of the two
 // runs A and B then follows per lane from the co-rank: the number i of A's keys among the k+1
 // smallest (the first i with A[i] > B[k-i], counted row against row); it is max(A[i-1], B[k-i]).
-// The co-ranks of f - 1 and n - f - 1 also say which rows
-// of each run hold the kept ranks of a trimmed mean, so only those are summed.
+// The co-ranks of f - 1 and n - f - 1 also say which rows of each run hold the kept ranks of a
+// trimmed mean, so only those are summed.
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
 #include "select_job.h"
+#include "select_regs.h"
 #include "simd.h"
 
 namespace tapestry {
@@ -75,6 +76,39 @@ TAPESTRY_INLINE void trimmed_from_coranks(const typename T::Key* t, const float*
         add_rows(0, ra0, ra1, a0, a1);
         add_rows(a, rb0, rb1, b0, b1);
         for (int l = 0; l < 32 && l0 + l < w; ++l) out[l0 + l] = static_cast<float>(acc[l] / static_cast<double>(m - 2 * f));
+    }
+}
+
+// The trimmed mean or median of the tile's w columns (keys loaded, row stride kTileW) through the
+// two runs; scratch: 2 kMaxW int32 for the co-ranks.
+template <class T, int OP>
+TAPESTRY_INLINE void select_tile_runs(const SelectJob& J, int64_t j0, typename T::Key* t, int w, int32_t* scratch) {
+    constexpr int W = kTileW<typename T::Key>;
+    J.reg_sort(t);
+    J.reg_sort_b(t + static_cast<size_t>(kRegMax) * W);
+    int32_t* c1 = scratch;
+    int32_t* c2 = scratch + kMaxW;
+    const int m = J.m, a = kRegMax, b = m - kRegMax, f = J.param;
+    float* out = J.out + j0;
+    if (OP == kTrimmed) {
+        if (f == 0)
+            std::fill(c1, c1 + W, 0);
+        else
+            corank_lanes(t, W, a, b, f - 1, c1);
+        corank_lanes(t, W, a, b, m - f - 1, c2);
+        float* values = nullptr;  // float16: the tile converted once (F16C) after the key tile
+        if constexpr (std::is_same<T, F16>::value) {
+            values = reinterpret_cast<float*>(t + static_cast<size_t>(m) * W);
+            J.half_keys(t, m * W, values);
+        }
+        return trimmed_from_coranks<T>(t, values, W, a, m, f, c1, c2, w, out);
+    }
+    // median: the middle rank, or the mean of the two middle ranks
+    corank_lanes(t, W, a, b, m / 2, c2);
+    if (m % 2 == 0) corank_lanes(t, W, a, b, m / 2 - 1, c1);
+    for (int l = 0; l < w; ++l) {
+        const double hi = T::value(rank_key(t, W, a, m / 2, c2[l], l));
+        out[l] = static_cast<float>(m % 2 ? hi : (T::value(rank_key(t, W, a, m / 2 - 1, c1[l], l)) + hi) * 0.5);
     }
 }
 
