@@ -18,7 +18,9 @@ FLOORS = {"cpu": [("trimmed_mean", "float32", 2.0), ("median", "float32", 2.5), 
                   ("fused_int8_trimmed_mean", "int8", 1.3)],
           "cuda": [("trimmed_mean", "float32", 1.25), ("median", "float32", 1.25), ("mean", "float32", 1.11),
                    ("krum", "float32", 1.3)]}
-SWEEP_FLOOR = 1.3  # the sweep family: trimmed mean and median at any n within 1.3x a torch mean
+# the sweep family: trimmed mean and median at any n within 1.3x a torch mean; 16-bit input at
+# most 0.6x its float32 time
+SWEEP_FLOOR = {"float32": 1.3, "float16": 0.6, "bfloat16": 0.6}
 EXTRA_FLOOR_PCT = {"trimmed_mean": 10.0, "median": 10.0, "krum": 10.0}
 
 
@@ -31,8 +33,9 @@ def check_floors(rows: list[Row], device: str = "cpu") -> list[str]:
                 verdict = "ok" if r.ratio <= bar else "ABOVE"
                 lines.append(f"  {name} {dtype} [{r.backend}]: {r.ratio:.2f}x {r.baseline} (floor {bar}x) {verdict}")
         if r.family == "sweep" and r.ratio is not None:
-            verdict = "ok" if r.ratio <= SWEEP_FLOOR else "ABOVE"
-            lines.append(f"  {r.name}: {r.ratio:.2f}x {r.baseline} (floor {SWEEP_FLOOR}x) {verdict}")
+            bar = SWEEP_FLOOR[r.dtype]
+            verdict = "ok" if r.ratio <= bar else "ABOVE"
+            lines.append(f"  {r.name} {r.dtype}: {r.ratio:.2f}x {r.baseline} (floor {bar}x) {verdict}")
         if r.name in EXTRA_FLOOR_PCT and r.extra_pct is not None and r.dtype == "float32":
             bar = EXTRA_FLOOR_PCT[r.name]
             verdict = "ok" if r.extra_pct <= bar else "ABOVE"

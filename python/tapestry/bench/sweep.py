@@ -2,7 +2,8 @@
 
 Each n gets ``d = 128 Mi / n`` float32 coordinates (``2 Mi / n`` with ``--quick``) and ``f = n // 4``,
 and both ops are paired with torch's ``X.mean(0)`` on the same matrix in the same rounds: the
-ratio says how far from a plain mean's memory-bound pass the selection is at that n.
+ratio says how far from a plain mean's memory-bound pass the selection is at that n. The trimmed
+mean of the same values as float16 and bfloat16 is paired with its float32 time.
 """
 
 from __future__ import annotations
@@ -35,3 +36,8 @@ def _rows_at(tp, X: torch.Tensor, f: int, repeat: int):
     for name, fn in (("trimmed_mean", lambda: tp.trimmed_mean(X, f=f)), ("median", lambda: tp.median(X))):
         t, _, ratio = paired_times(fn, lambda: X.mean(0), repeat)
         yield Row("sweep", f"{name} n={n}", "auto", "float32", 1e3 * t, nbytes / t / 1e9, "torch_mean", ratio)
+    for dtype in (torch.float16, torch.bfloat16):  # half the bytes: against its own float32 time
+        Y = X.to(dtype)
+        t, _, ratio = paired_times(lambda: tp.trimmed_mean(Y, f=f), lambda: tp.trimmed_mean(X, f=f), repeat)
+        yield Row("sweep", f"trimmed_mean n={n}", "auto", str(dtype).removeprefix("torch."), 1e3 * t,
+                  nbytes / 2 / t / 1e9, "trimmed_mean float32", ratio)
