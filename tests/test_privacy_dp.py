@@ -1,6 +1,7 @@
 """Rotation, accounting (against dp-accounting's own figures), central DP and distributed DP inside
 the secure sum (ring exactness, wrap-around against its stated bound), and the simulate CLI."""
 
+import itertools
 import json
 import math
 
@@ -13,7 +14,8 @@ from tapestry.privacy import (Accountant, CentralDP, DistributedDP, Schedule, ep
                               rotate, unrotate)
 from tapestry.privacy.accounting import RDP_ORDERS
 from tapestry.privacy.distributed import Plan
-from tapestry.privacy.rotation import fwht_reference, padded
+from tapestry import _native
+from tapestry.privacy.rotation import _signs, fwht_reference, padded, sign_words
 
 
 # -- rotation -----------------------------------------------------------------------------------
@@ -36,6 +38,34 @@ def test_rotation_inverts_and_kernel_matches_reference(d):
     assert float((z - x).abs().max()) <= tol
     assert abs(float(y.double().norm() / x.double().norm()) - 1) < 1e-5
     assert not torch.equal(y, rotate(x, seed=6))
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_fwht_kernel_equals_reference_on_every_path(isa):
+    """Every size class (scalar below 64, one block, two passes with radix 2, 8 and 8 x 2 between
+    rows), signs or none, in place or not, infinite values: the reference's floats, bit for bit."""
+    C = _native.require("_C")
+    got = C.set_isa(isa)
+    try:
+        if got != isa:
+            pytest.skip(f"this CPU lacks {isa} (best path: {got})")
+        for D, infinite in itertools.product([1, 2, 32, 64, 128, 1 << 14, 1 << 15, 1 << 17, 1 << 18], [False, True]):
+            x = torch.randn(D, generator=torch.Generator().manual_seed(D)) * 1e3
+            if infinite:  # spreads as inf and, where +inf meets -inf, NaN
+                x[[0, D // 2]] = float("inf")
+                x[D - 1] = -float("inf")
+            words = sign_words(D, D)
+            for signs, scale in [(words, 1 / math.sqrt(D)), (None, 1.0)]:
+                want = fwht_reference(x * _signs(words, D) if signs is not None else x, scale)
+                out = torch.empty(D)
+                C.dp_fwht(out.data_ptr(), x.data_ptr(), D, 0 if signs is None else signs.data_ptr(), scale)
+                inplace = x.clone()
+                C.dp_fwht(inplace.data_ptr(), inplace.data_ptr(), D, 0 if signs is None else signs.data_ptr(), scale)
+                for y in (out, inplace):
+                    assert torch.equal(y.isnan(), want.isnan()), (D, signs is None)
+                    assert torch.equal(y.nan_to_num(0.0), want.nan_to_num(0.0)), (D, signs is None)
+    finally:
+        C.set_isa("best")
 
 
 def test_fwht_reference_is_hadamard():

@@ -22,9 +22,10 @@ void bind_privacy(py::module_& m) {
         py::gil_scoped_release release;
         return tapestry::dp_skellam(ptr<int64_t>(out), count, mu_q8, ptr<const uint32_t>(key), purpose, chunk);
     });
-    m.def("dp_fwht", [](uintptr_t x, int64_t n, uintptr_t signs, float scale) {
+    m.def("dp_fwht", [](uintptr_t dst, uintptr_t src, int64_t n, uintptr_t signs, float scale) {
         py::gil_scoped_release release;
-        tapestry::dp_fwht(ptr<float>(x), n, signs ? ptr<const uint32_t>(signs) : nullptr, scale);
+        tapestry::dp_fwht(ptr<float>(dst), ptr<const float>(src), n, signs ? ptr<const uint32_t>(signs) : nullptr,
+                          scale);
     });
     m.def("dp_client_encode",
           [](uintptr_t out, uintptr_t work, uintptr_t x, int64_t d, int64_t D, double factor, uintptr_t signs,

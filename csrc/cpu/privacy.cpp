@@ -1,7 +1,7 @@
-// Exact discrete Gaussian / Skellam samplers on ChaCha20, and the cache-blocked Walsh-Hadamard
-// transform. The samplers follow python/tapestry/privacy/samplers.py word for word (that file's
-// docstring is the contract: which keystream word or bit each decision reads), so both produce the
-// same draws. Every probability is a rational decided with integer arithmetic (128-bit where the
+// Exact discrete Gaussian / Skellam samplers on ChaCha20, and the fused distributed-DP client path
+// (the Walsh-Hadamard transform it calls is in hadamard.cpp). The samplers follow
+// python/tapestry/privacy/samplers.py word for word (that file's docstring is the contract: which
+// keystream word or bit each decision reads), so both produce the same draws. Every probability is a rational decided with integer arithmetic (128-bit where the
 // discrete Gaussian's acceptance exponent needs it): Canonne, Kamath, Steinke 2020, Algorithm 3.
 #include "privacy.h"
 
@@ -10,10 +10,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <vector>
 
 #include "chacha.h"
-#include "simd.h"
 
 namespace tapestry {
 namespace {
@@ -40,13 +38,9 @@ class Stream {
         return buf_[pos_++];
     }
     __attribute__((always_inline)) uint32_t bit() {
-        if (nbits_ == 0) {
-            bitbuf_ = word();
-            nbits_ = 32;
-        }
-        uint32_t b = bitbuf_ & 1u;
-        bitbuf_ >>= 1;
-        --nbits_;
+        if (nbits_ == 0) refill_bits();
+        uint32_t b = bits_ >> 31;
+        consume(1);
         return b;
     }
     // Lemire's unbiased multiply-and-reject, n <= 2^32.
@@ -58,9 +52,35 @@ class Stream {
         }
         return m >> 32;
     }
-    // Bernoulli(a / b), 0 <= a < b < 2^127: random bits against the binary digits of a / b.
+    // Bernoulli(a / b), 0 <= a <= b < 2^127: random bits against the binary digits of a / b, the
+    // first that differ deciding (digit 1, bit 0: true). Below 2^63, the digits that meet the
+    // buffered bits come from one division (as many as 64 - bitlen(b)) and one compare: the
+    // bit-at-a-time loop mispredicts a branch per bit.
     bool bern(u128 a, u128 b) {
         if (a == 0) return false;
+        if (b >> 63) return bern_bitwise(a, b);
+        uint64_t r = uint64_t(a);
+        const uint64_t d = uint64_t(b);
+        const int room = __builtin_clzll(d);  // r <= d, so r << room fits in 64 bits
+        for (;;) {
+            if (nbits_ == 0) refill_bits();
+            const int k = std::min(nbits_, room);
+            uint64_t digits = (uint64_t(1) << k) - 1;  // a / b = 1 = 0.111...: all ones, r stays
+            if (r < d) {
+                digits = (r << k) / d;  // the next k digits, the first on top
+                r = (r << k) - digits * d;
+            }
+            const uint32_t top = uint32_t(digits << (32 - k));
+            const uint32_t diff = (top ^ bits_) & ~(~0u >> (k - 1) >> 1);  // the top k bits only
+            if (diff) {
+                const int m = __builtin_clz(diff);
+                consume(m + 1);
+                return (top >> (31 - m)) & 1u;
+            }
+            consume(k);
+        }
+    }
+    bool bern_bitwise(u128 a, u128 b) {
         u128 r = a;
         for (;;) {
             r <<= 1;
@@ -86,8 +106,23 @@ class Stream {
     int64_t used() const { return used_; }
 
   private:
+    // bits_ holds the unread bits of the last word taken for bits, the next one on top: the word
+    // reversed, as the reference reads a word's bits from its least significant one.
+    void refill_bits() {
+        uint32_t x = word();
+        x = ((x >> 1) & 0x55555555u) | ((x & 0x55555555u) << 1);
+        x = ((x >> 2) & 0x33333333u) | ((x & 0x33333333u) << 2);
+        x = ((x >> 4) & 0x0F0F0F0Fu) | ((x & 0x0F0F0F0Fu) << 4);
+        bits_ = __builtin_bswap32(x);
+        nbits_ = 32;
+    }
+    __attribute__((always_inline)) void consume(int j) {  // 1 <= j <= nbits_
+        bits_ = uint32_t(uint64_t(bits_) << j);
+        nbits_ -= j;
+    }
+
     static constexpr int64_t kBuf = 256;
-    uint32_t key_[8], nonce_[3], buf_[kBuf], bitbuf_ = 0;
+    uint32_t key_[8], nonce_[3], buf_[kBuf], bits_ = 0;
     int64_t pos_ = kBuf, produced_ = 0, used_ = 0;
     int nbits_ = 0;
 };
@@ -148,52 +183,6 @@ int64_t run_chunks(int64_t* out, int64_t count, const uint32_t* key, uint32_t pu
     return words;
 }
 
-// -- Walsh-Hadamard ------------------------------------------------------------------------------
-constexpr int64_t kBlock = int64_t(1) << 14;  // 64 KiB of floats: the in-block stages stay in L2
-constexpr int64_t kStrip = 64;                // columns per strip in the across-block stages
-
-TAPESTRY_INLINE void butterflies_body(float* __restrict a, float* __restrict b, int64_t m) {
-    for (int64_t j = 0; j < m; ++j) {
-        float x = a[j], y = b[j];
-        a[j] = x + y;
-        b[j] = x - y;
-    }
-}
-TAPESTRY_ISA_DISPATCH(butterflies, butterflies_body, (float* __restrict a, float* __restrict b, int64_t m), (a, b, m))
-
-TAPESTRY_INLINE void small_stages_body(float* x, int64_t n, int64_t hmax) {
-    // h = 1, 2: short vectors; do them as 4-point transforms.
-    if (hmax >= 2) {
-        for (int64_t i = 0; i + 4 <= n; i += 4) {
-            float a = x[i], b = x[i + 1], c = x[i + 2], d = x[i + 3];
-            float s0 = a + b, d0 = a - b, s1 = c + d, d1 = c - d;
-            x[i] = s0 + s1; x[i + 2] = s0 - s1; x[i + 1] = d0 + d1; x[i + 3] = d0 - d1;
-        }
-    } else if (hmax >= 1) {
-        for (int64_t i = 0; i + 2 <= n; i += 2) {
-            float a = x[i], b = x[i + 1];
-            x[i] = a + b; x[i + 1] = a - b;
-        }
-    }
-}
-TAPESTRY_ISA_DISPATCH(small_stages, small_stages_body, (float* x, int64_t n, int64_t hmax), (x, n, hmax))
-
-void block_transform(float* x, int64_t n) {  // all stages inside a block of n <= kBlock
-    small_stages(x, n, std::min<int64_t>(n / 2, 2));
-    for (int64_t h = 4; h < n; h <<= 1)
-        for (int64_t i = 0; i < n; i += 2 * h) butterflies(x + i, x + i + h, h);
-}
-
-TAPESTRY_INLINE void scale_signs_body(float* x, int64_t n, const uint32_t* signs, int64_t first, float scale) {
-    for (int64_t j = 0; j < n; ++j) {
-        int64_t i = first + j;
-        uint32_t neg = signs ? (signs[i >> 5] >> (i & 31)) & 1u : 0u;
-        x[j] = (neg ? -x[j] : x[j]) * scale;
-    }
-}
-TAPESTRY_ISA_DISPATCH(scale_signs, scale_signs_body, (float* x, int64_t n, const uint32_t* signs, int64_t first, float scale),
-                      (x, n, signs, first, scale))
-
 }  // namespace
 
 int64_t dp_discrete_gaussian(int64_t* out, int64_t count, uint64_t S, const uint32_t* key, uint32_t purpose,
@@ -206,44 +195,6 @@ int64_t dp_skellam(int64_t* out, int64_t count, uint64_t M, const uint32_t* key,
     return run_chunks(out, count, key, purpose, chunk, [M](Stream& s) { return poisson(s, M) - poisson(s, M); });
 }
 
-void dp_apply_signs(float* x, int64_t n, const uint32_t* signs) {
-#pragma omp parallel for schedule(static) if (n >= 4 * kBlock)
-    for (int64_t b = 0; b < n; b += kBlock) scale_signs(x + b, std::min(kBlock, n - b), signs, b, 1.0f);
-}
-
-void dp_fwht(float* x, int64_t n, const uint32_t* signs, float scale) {
-    const int64_t block = std::min(n, kBlock), rows = n / block;
-    // Pass 1: signs, then every stage h < block, one L2-resident block at a time. The scale is
-    // applied here when no later pass exists (the same single multiply either way).
-#pragma omp parallel for schedule(static) if (n >= 4 * kBlock)
-    for (int64_t b = 0; b < n; b += block) {
-        if (signs) scale_signs(x + b, block, signs, b, 1.0f);
-        block_transform(x + b, block);
-        if (rows == 1 && scale != 1.0f) scale_signs(x + b, block, nullptr, 0, scale);
-    }
-    if (rows == 1) return;
-    // Pass 2: stages h >= block act between rows of the (rows x block) matrix; a strip of kStrip
-    // columns over all rows stays in L2 while all of them run, in ascending h (the same order, so
-    // the same float results, as one stage at a time).
-    // The strip is gathered into a contiguous buffer first: rows lie 2^16 bytes apart, which would
-    // map them all onto a couple of cache sets (conflict misses on every stage).
-    const int64_t strip = std::min(kStrip, block);
-#pragma omp parallel
-    {
-        std::vector<float> buf(size_t(rows * strip));
-        float* b = buf.data();
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < block; c += strip) {
-            for (int64_t r = 0; r < rows; ++r) std::memcpy(b + r * strip, x + r * block + c, strip * sizeof(float));
-            for (int64_t h = 1; h < rows; h <<= 1)
-                for (int64_t r = 0; r < rows; r += 2 * h)
-                    butterflies(b + r * strip, b + (r + h) * strip, h * strip);  // rows r..r+h-1 against r+h..
-            if (scale != 1.0f) scale_signs(b, rows * strip, nullptr, 0, scale);
-            for (int64_t r = 0; r < rows; ++r) std::memcpy(x + r * block + c, b + r * strip, strip * sizeof(float));
-        }
-    }
-}
-
 int64_t dp_client_encode(uint32_t* out, float* work, const float* x, int64_t d, int64_t D, double factor,
                          const uint32_t* sign_words, float rot_scale, double scale, const uint32_t* round_key,
                          const uint32_t* round_nonce, int64_t bound2, int64_t max_tries, uint64_t noise_q8,
@@ -252,7 +203,7 @@ int64_t dp_client_encode(uint32_t* out, float* work, const float* x, int64_t d, 
     constexpr int64_t kTile = 4096;  // keystream words per rounding tile (a multiple of 16)
 #pragma omp parallel for schedule(static) if (D >= 4 * kTile)
     for (int64_t i = 0; i < D; ++i) work[i] = i < d ? float(double(x[i]) * factor) : 0.0f;
-    dp_fwht(work, D, sign_words, rot_scale);
+    dp_fwht(work, work, D, sign_words, rot_scale);
     int32_t* q = reinterpret_cast<int32_t*>(out);  // |q| < 2^31 (the plan bounds it); rounded in place
     int64_t attempt = 0;
     for (; attempt < max_tries; ++attempt) {

@@ -12,11 +12,11 @@ int64_t dp_discrete_gaussian(int64_t* out, int64_t count, uint64_t sigma2_q8, co
 int64_t dp_skellam(int64_t* out, int64_t count, uint64_t mu_q8, const uint32_t* key, uint32_t purpose,
                    int64_t chunk);
 
-// In-place orthonormal Walsh-Hadamard transform of x[0..n), n a power of two, with optional sign
-// flips first (signs: keystream words, bit i of word i/32 set = negate x[i]; null = none) and the
-// result multiplied by `scale` (1/sqrt(n) for the orthonormal transform, times any extra factor).
-// Cache-blocked: one pass over blocks of 2^14, one pass over column strips for the larger stages.
-void dp_fwht(float* x, int64_t n, const uint32_t* signs, float scale);
+// dst = the Walsh-Hadamard transform of src[0..n), n a power of two (src may be dst), with optional
+// sign flips first (signs: keystream words, bit i of word i/32 set = negate src[i]; null = none) and
+// the result multiplied by `scale` (1/sqrt(n) for the orthonormal transform, times any extra factor).
+// Cache-blocked (hadamard.cpp): one pass over blocks of 2^14, one over column strips for the rest.
+void dp_fwht(float* dst, const float* src, int64_t n, const uint32_t* signs, float scale);
 
 // signs after the transform (the inverse rotation: H then D).
 void dp_apply_signs(float* x, int64_t n, const uint32_t* signs);

@@ -73,14 +73,16 @@ def rotate(x: torch.Tensor, *, seed, reference: bool = False) -> torch.Tensor:
     _check(x, "x")
     d = x.numel()
     D = padded(d)
-    y = torch.zeros(D, dtype=torch.float32)
-    y[:d] = x.detach().to("cpu", torch.float32)
     words = sign_words(seed, D)
     scale = float(np.float32(1.0 / math.sqrt(D)))
     C = None if reference else _kernel()
+    src = x.detach().to("cpu", torch.float32).contiguous()
+    if d < D:
+        src = torch.cat([src, src.new_zeros(D - d)])
     if C is None:
-        return fwht_reference(y * _signs(words, D), scale)
-    C.dp_fwht(y.data_ptr(), D, words.data_ptr(), scale)
+        return fwht_reference(src * _signs(words, D), scale)
+    y = torch.empty(D, dtype=torch.float32)
+    C.dp_fwht(y.data_ptr(), src.data_ptr(), D, words.data_ptr(), scale)  # reads src, writes y
     return y
 
 
@@ -92,12 +94,13 @@ def unrotate(y: torch.Tensor, *, seed, d: int, reference: bool = False) -> torch
         raise ValueError(f"a rotated vector has a power-of-two length, got {D}")
     if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= D or padded(d) != D:
         raise ValueError(f"d={d!r} does not pad to the rotated length {D}")
-    z = y.detach().to("cpu", torch.float32).clone()
+    src = y.detach().to("cpu", torch.float32).contiguous()
     words = sign_words(seed, D)
     scale = float(np.float32(1.0 / math.sqrt(D)))
     C = None if reference else _kernel()
     if C is None:
-        return (fwht_reference(z, scale) * _signs(words, D))[:d].clone()
-    C.dp_fwht(z.data_ptr(), D, 0, scale)
+        return (fwht_reference(src, scale) * _signs(words, D))[:d].clone()
+    z = torch.empty(D, dtype=torch.float32)
+    C.dp_fwht(z.data_ptr(), src.data_ptr(), D, 0, scale)
     C.dp_apply_signs(z.data_ptr(), D, words.data_ptr())
     return z[:d].clone()
