@@ -195,7 +195,8 @@ void dp_fwht(float* dst, const float* src, int64_t n, const uint32_t* signs, flo
         simd::Scratch<float> work(size_t(stream ? block : 0));
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < n; b += block)
-            block_stages(dst + b, src + b, stream ? work.p : nullptr, block, signs, b, rows == 1 ? scale : 1.0f, stream);
+            block_stages(dst + b, src + b, stream ? work.p : nullptr, block, signs, b, rows == 1 ? scale : 1.0f,
+                         stream);
     }
     if (stream) _mm_sfence();
     if (rows == 1) return;

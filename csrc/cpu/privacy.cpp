@@ -1,8 +1,9 @@
 // Exact discrete Gaussian / Skellam samplers on ChaCha20, and the fused distributed-DP client path
 // (the Walsh-Hadamard transform it calls is in hadamard.cpp). The samplers follow
 // python/tapestry/privacy/samplers.py word for word (that file's docstring is the contract: which
-// keystream word or bit each decision reads), so both produce the same draws. Every probability is a rational decided with integer arithmetic (128-bit where the
-// discrete Gaussian's acceptance exponent needs it): Canonne, Kamath, Steinke 2020, Algorithm 3.
+// keystream word or bit each decision reads), so both produce the same draws. Every probability is
+// a rational decided with integer arithmetic (128-bit where the discrete Gaussian's acceptance
+// exponent needs it): Canonne, Kamath, Steinke 2020, Algorithm 3.
 #include "privacy.h"
 
 #include <omp.h>
