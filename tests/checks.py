@@ -83,3 +83,12 @@ def assert_distances(G: torch.Tensor, X: torch.Tensor, what: str, rtol: float = 
     if bool(bad.any()):
         a, b = torch.nonzero(bad)[0].tolist()
         raise AssertionError(f"{what}: D[{a},{b}] = {D[a, b].item()!r}, direct {D0[a, b].item()!r}, tol {tol[a, b].item():.3g}")
+
+
+def infinite_median_columns() -> tuple[torch.Tensor, dict[int, list[float]]]:
+    """Columns whose median is infinite, and mean_around_median's result for k = 3 and 4: the
+    equal infinities are at distance 0 from it (not NaN), then the window grows as usual."""
+    inf, nan = float("inf"), float("nan")
+    X = torch.tensor([[-inf, -inf, inf, 0.0], [-inf, -inf, inf, 1.0], [-inf, -inf, inf, 2.0],
+                      [1.0, inf, 0.0, 3.0], [2.0, inf, nan, 4.0]])
+    return X, {3: [-inf, -inf, inf, 2.0], 4: [-inf, nan, inf, 1.5]}

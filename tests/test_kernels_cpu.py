@@ -12,7 +12,7 @@ import torch
 import tapestry as tp
 from tapestry import _native, ops, reference
 from tapestry.backends import cpu
-from checks import DTYPES, assert_close, assert_distances, direct_distances, distances
+from checks import DTYPES, assert_close, assert_distances, direct_distances, distances, infinite_median_columns
 
 C = _native.require("_C")  # the cpu backend is built by `make test`: its absence is a failure
 NS = [1, 2, 3, 5, 8, 17, 32, 33, 64, 100]
@@ -188,6 +188,14 @@ def test_nan_ranks_above_inf():
     assert cpu.coord_median(X).tolist() == [2.0, 1.0]
     assert cpu.trimmed_mean(X, 1).tolist() == [(1.0 + 2.0 + inf) / 3, (-inf + 1.0 + 2.0) / 3]
     assert cpu.trimmed_mean(X, 2).tolist() == [2.0, 1.0]
+
+
+def test_infinite_median_takes_the_equal_infinities():
+    X, want = infinite_median_columns()
+    rows = torch.arange(5)
+    for k, expected in want.items():
+        for got in (cpu.mean_around_median(X, rows, k), reference.mean_around_median(X, rows, k)):
+            assert torch.equal(got.nan_to_num(7.0), torch.tensor(expected).nan_to_num(7.0)), (k, got)
 
 
 def test_weighted_mean_never_reads_zero_weight_rows():

@@ -19,7 +19,7 @@ import torch
 import tapestry as tp
 from tapestry import _native, ops, reference
 from tapestry.backends import cuda as cuda_backend
-from checks import DTYPES, assert_close, direct_distances, distances, make
+from checks import DTYPES, assert_close, direct_distances, distances, infinite_median_columns, make
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_GPU = torch.cuda.is_available()
@@ -227,6 +227,16 @@ def test_gpu_selection(n, dtype):
     clean = make(n, 1031, seed=n + 1, dtype=dtype, device="cuda")
     assert_close(cuda.mean_around_median(clean, rows, k), reference.mean_around_median(clean, rows, k), clean,
                  what=f"around n={n}")
+
+
+@pytest.mark.gpu
+def test_gpu_infinite_median_takes_the_equal_infinities():
+    from tapestry.backends import cuda
+
+    X, want = infinite_median_columns()
+    for k, expected in want.items():
+        got = cuda.mean_around_median(X.cuda(), torch.arange(5), k).cpu()
+        assert torch.equal(got.nan_to_num(7.0), torch.tensor(expected).nan_to_num(7.0)), (k, got)
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ import torch
 
 import tapestry as tp
 from tapestry import ops, reference
-from checks import DEVICE, DTYPES, assert_close, direct_distances, distances, make
+from checks import DEVICE, DTYPES, assert_close, direct_distances, distances, infinite_median_columns, make
 
 
 from tapestry_kernels import gram as tgram  # noqa: E402
@@ -84,6 +84,13 @@ def test_mean_around_median_ties_go_to_smaller():
     assert tselect.mean_around_median(X, rows, 1).item() == 1.0
     assert tselect.mean_around_median(X, rows, 3).item() == 1.0  # {0, 1, 2} beats {1, 2, 3}
     assert_close(tselect.mean_around_median(X, rows, 3), reference.mean_around_median(X, rows, 3), X)
+
+
+def test_infinite_median_takes_the_equal_infinities():
+    X, want = infinite_median_columns()
+    for k, expected in want.items():
+        got = tselect.mean_around_median(X.to(DEVICE), torch.arange(5), k).cpu()
+        assert torch.equal(got.nan_to_num(7.0), torch.tensor(expected).nan_to_num(7.0)), (k, got)
 
 
 def test_selection_is_deterministic_and_blocking_free():

@@ -65,7 +65,8 @@ def mean_around_median(X: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Ten
     sub = X.index_select(0, rows.to(X.device))
     S = _sorted(sub)
     med = coord_median(S.to(torch.float64)).to(torch.float64)
-    dist = (S - med).abs()
+    # an infinite median is at distance 0 from the equal infinities (inf - inf would be NaN)
+    dist = torch.where(S == med, 0.0, (S - med).abs())
     # stable sort on distance keeps ascending value order among equal distances
     order = torch.sort(dist, dim=0, stable=True).indices[:k]
     return _result(X, torch.gather(S, 0, order).mean(0))
