@@ -14,8 +14,8 @@ from tapestry.privacy import (Accountant, CentralDP, DistributedDP, Schedule, ep
                               rotate, unrotate)
 from tapestry.privacy.accounting import RDP_ORDERS
 from tapestry.privacy.distributed import Plan
-from tapestry import _native
-from tapestry.privacy.rotation import _signs, fwht_reference, padded, sign_words
+from tapestry import _native, ops, reference
+from tapestry.privacy.rotation import padded, sign_words
 
 
 # -- rotation -----------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def test_fwht_kernel_equals_reference_on_every_path(isa):
                 x[D - 1] = -float("inf")
             words = sign_words(D, D)
             for signs, scale in [(words, 1 / math.sqrt(D)), (None, 1.0)]:
-                want = fwht_reference(x * _signs(words, D) if signs is not None else x, scale)
+                want = reference.fwht(x, signs, scale)
                 out = torch.empty(D)
                 C.dp_fwht(out.data_ptr(), x.data_ptr(), D, 0 if signs is None else signs.data_ptr(), scale)
                 inplace = x.clone()
@@ -68,11 +68,51 @@ def test_fwht_kernel_equals_reference_on_every_path(isa):
         C.set_isa("best")
 
 
+@pytest.mark.parametrize("sizes", ["default", "small"])
+def test_fwht_triton_equals_reference(sizes, monkeypatch):
+    """The Triton kernels (interpreted on CPU tensors here) give the reference's floats: one block,
+    then the row launches (radix 16 and a shorter last one); "small" shrinks the tiles so that
+    several row launches run on small inputs."""
+    from tapestry_kernels import hadamard
+
+    Ds = [1, 2, 8, 64, 2048, 4096, 1 << 15]
+    if sizes == "small":
+        monkeypatch.setattr(hadamard, "BLOCK", 16)
+        monkeypatch.setattr(hadamard, "R", 4)
+        monkeypatch.setattr(hadamard, "W", 8)
+        Ds = [16, 32, 1 << 10, 1 << 11]
+    for D in Ds:
+        x = torch.randn(D, generator=torch.Generator().manual_seed(D)) * 1e3
+        words = sign_words(D, D)
+        for signs, scale, after in [(words, 1 / math.sqrt(D), False), (None, 1.0, False), (words, 0.5, True)]:
+            want = reference.fwht(x, signs, scale, signs_after=after)
+            with ops.backend("triton"):
+                got = ops.call("fwht", x, signs, scale, signs_after=after)
+            assert torch.equal(got, want), (D, signs is None, after)
+    x = torch.randn(3000)
+    with ops.backend("triton"):
+        y = rotate(x, seed=4)
+        z = unrotate(y, seed=4, d=3000)
+    assert torch.equal(y, rotate(x, seed=4)) and torch.equal(z, unrotate(y, seed=4, d=3000))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [1 << 20, 1 << 24])
+def test_fwht_on_gpu_equals_cpu_kernel(D):
+    x = torch.randn(D, generator=torch.Generator().manual_seed(1)) * 1e3
+    words = sign_words(2, D)
+    for signs, after in [(words, False), (words, True), (None, False)]:
+        with ops.backend("cpu"):
+            want = ops.call("fwht", x, signs, 1 / math.sqrt(D), signs_after=after)
+        got = ops.call("fwht", x.cuda(), None if signs is None else signs.cuda(), 1 / math.sqrt(D), signs_after=after)
+        assert torch.equal(got.cpu(), want), (D, signs is None, after)
+
+
 def test_fwht_reference_is_hadamard():
     D = 16
     H = torch.tensor([[(-1) ** bin(i & j).count("1") for j in range(D)] for i in range(D)], dtype=torch.float32)
     x = torch.randn(D)
-    assert torch.allclose(fwht_reference(x, 1.0), H @ x, atol=1e-5)
+    assert torch.allclose(reference.fwht(x, None, 1.0), H @ x, atol=1e-5)
 
 
 def test_rotation_bad_input():

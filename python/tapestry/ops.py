@@ -72,6 +72,8 @@ OPS: dict[str, str] = {
     #    are int32 words on the data's device; offsets count keystream words (docs/spec.md layout)
     "chacha20_keystream": "(key, nonce, offset: int, count: int) -> (count,) int32: ChaCha20 words offset .. offset+count-1",
     "chacha20_mask": "(x: (d,) int32, keys: (m, 8), signs: (m,) int8 of +-1, nonce, offset: int, out=None) -> (d,) int32: x + sum_j signs_j PRG(keys_j)[offset:offset+d] mod 2^32",
+    # -- differential privacy (see tapestry.privacy)
+    "fwht": "(x: (D,) float32 contiguous, D a power of two, signs: (ceil(D/32),) int32 sign words or None, scale: float, out=None, *, signs_after=False) -> (D,) float32: scale * H diag(signs) x (signs_after: diag(signs) scale H x), stages h = 1, 2, 4, ... in order",
 }
 
 BACKENDS: dict[str, str] = {

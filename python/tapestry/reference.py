@@ -309,3 +309,39 @@ def chacha20_mask(x: torch.Tensor, keys: torch.Tensor, signs: torch.Tensor, nonc
         return res
     out.copy_(res)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# differential privacy (see tapestry.privacy)
+
+
+def sign_flips(signs: torch.Tensor, D: int) -> torch.Tensor:
+    """``+-1.0`` per value: ``-1`` where bit ``i % 32`` of sign word ``i // 32`` is set."""
+    w = signs.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = (w.unsqueeze(1) >> torch.arange(32, device=w.device)) & 1
+    return 1.0 - 2.0 * bits.reshape(-1)[:D].to(torch.float32)
+
+
+def fwht(x: torch.Tensor, signs: torch.Tensor | None, scale: float, out: torch.Tensor | None = None, *,
+         signs_after: bool = False) -> torch.Tensor:
+    """``scale * H diag(signs) x`` for float32 ``x`` of a power-of-two length ``D`` (``H`` the
+    Walsh-Hadamard matrix; ``signs_after``: ``diag(signs) scale H x``), stage by stage with
+    ``h = 1, 2, 4, ...``, each ``(a, b) -> (a + b, a - b)``: the floats every kernel repeats."""
+    D = x.numel()
+    flips = None if signs is None else sign_flips(signs, D)
+    y = x * flips if flips is not None and not signs_after else x.clone()
+    h = 1
+    while h < D:
+        v = y.view(-1, 2, h)
+        a, b = v[:, 0, :].clone(), v[:, 1, :].clone()
+        v[:, 0, :] = a + b
+        v[:, 1, :] = a - b
+        h *= 2
+    if scale != 1.0:
+        y = y * torch.tensor(scale, dtype=torch.float32)
+    if flips is not None and signs_after:
+        y = y * flips
+    if out is None:
+        return y
+    out.copy_(y)
+    return out

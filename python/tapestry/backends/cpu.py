@@ -244,3 +244,18 @@ def chacha20_mask(x: torch.Tensor, keys: torch.Tensor, signs: torch.Tensor, nonc
     _C().chacha20_mask(out.data_ptr(), x.data_ptr(), x.numel(), keys.data_ptr(), signs.data_ptr(), keys.shape[0],
                        nonce.data_ptr(), offset)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# differential privacy (csrc/cpu/hadamard.cpp)
+
+
+def fwht(x: torch.Tensor, signs: torch.Tensor | None, scale: float, out: torch.Tensor | None = None, *,
+         signs_after: bool = False) -> torch.Tensor:
+    out = torch.empty_like(x) if out is None else out
+    D, C = x.numel(), _C()
+    first = 0 if signs is None or signs_after else signs.data_ptr()
+    C.dp_fwht(out.data_ptr(), x.data_ptr(), D, first, scale)
+    if signs is not None and signs_after:
+        C.dp_apply_signs(out.data_ptr(), D, signs.data_ptr())
+    return out

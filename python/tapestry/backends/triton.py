@@ -128,3 +128,15 @@ def chacha20_mask(x: torch.Tensor, keys: torch.Tensor, signs: torch.Tensor, nonc
     with _on_device(x):
         return chacha.chacha20_mask(x.contiguous(), keys.contiguous(), signs.to(torch.int8).contiguous(),
                                     nonce.contiguous(), offset, out=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# differential privacy (tapestry_kernels/hadamard.py)
+
+
+def fwht(x: torch.Tensor, signs: torch.Tensor | None, scale: float, out: torch.Tensor | None = None, *,
+         signs_after: bool = False) -> torch.Tensor:
+    from tapestry_kernels import hadamard
+
+    with _on_device(x):
+        return hadamard.fwht(x, signs, scale, out, signs_after=signs_after)

@@ -256,9 +256,9 @@ def one_thread(fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def backends_for(device: str) -> list[str]:
-    """The non-reference backends that take tensors on ``device`` (Triton's CPU interpreter excluded)."""
-    return [name for name in ops.BACKENDS if name != "reference" and ops.auto_skip_reason(name, "trimmed_mean", device) is None]
+def backends_for(device: str, op: str = "trimmed_mean") -> list[str]:
+    """The non-reference backends that run ``op`` on ``device`` (Triton's CPU interpreter excluded)."""
+    return [name for name in ops.BACKENDS if name != "reference" and ops.auto_skip_reason(name, op, device) is None]
 
 
 def run_bench(cfg: Config, families: list[str]) -> list[Row]:

@@ -9,6 +9,8 @@ each beside a same-run baseline, on one core.
 * ``client_path``: clip, rotate, conditional stochastic rounding, discrete Gaussian noise, reduce
   mod 2^20 and mask with k = 8 pairwise keystreams, fused, one core, for ``2^20`` coordinates;
   its baselines are the copy and the sampler at the same size (``client_path_vs_sampler``).
+On a GPU (``--device cuda``): the transform on every backend that implements it (Triton) against a
+device copy of the same size.
 GB/s counts float32 bytes read for the transform and the client path, int64 bytes written for samplers.
 """
 
@@ -19,13 +21,13 @@ import os
 
 import torch
 
-from .. import _native
-from .harness import Case, Config, one_thread
+from .. import _native, ops
+from .harness import Case, Config, backends_for, one_thread, with_backend
 
 
 def cases(cfg: Config) -> list[Case]:
     if cfg.device != "cpu":
-        return []
+        return _device_cases(cfg)
     from ..secure.prg import chacha20_keystream
     from ..privacy.distributed import DistributedDP, plan
     from ..privacy.rotation import padded, sign_words
@@ -66,4 +68,19 @@ def cases(cfg: Config) -> list[Case]:
     out.append(Case("privacy", "client_path_k8_vs_sampler", one_thread(
         lambda: dp.encode(u, client=0, rnd=1, mask_seeds=seeds, mask_signs=sg)), 4 * dc, "cpu",
         baseline="dg_sampler_client_size"))
+    return out
+
+
+def _device_cases(cfg: Config) -> list[Case]:
+    """On a GPU: the transform (every backend that implements it) against a device copy."""
+    from ..privacy.rotation import padded, sign_words
+
+    D = padded(cfg.d) if cfg.quick else 1 << 24
+    x = torch.randn(D, device=cfg.device)
+    y = torch.empty_like(x)
+    signs = sign_words(1, D, cfg.device)
+    out = [Case("privacy", f"copy_{D}", lambda: y.copy_(x), 4 * D, is_baseline=True)]
+    for b in backends_for(cfg.device, "fwht"):
+        out.append(Case("privacy", "fwht", with_backend(b, lambda: ops.call("fwht", x, signs, 1 / math.sqrt(D), y)),
+                        4 * D, b, baseline=f"copy_{D}"))
     return out

@@ -170,7 +170,7 @@ class DistributedDP:
         composition below (the same bits). ``mask_seeds``/``mask_signs``: optional pairwise masks
         (``chacha20_mask``) fused at the end, as a client of the secure protocol would add them."""
         p = self.plan
-        x = torch.as_tensor(x).reshape(-1)
+        x = torch.as_tensor(x).detach().reshape(-1).cpu()  # the client path runs on the CPU
         if x.numel() != p.d:
             raise ValueError(f"client {client}: {x.numel()} parameters, the plan has d={p.d}")
         x64 = x.to(torch.float64)
