@@ -21,9 +21,8 @@ R, W = 16, 64  # rows x columns per program in the later launches (four stages e
 @triton.jit
 def _stages(x, N: tl.constexpr, H0: tl.constexpr, COUNT: tl.constexpr):
     """Stages H0, 2 H0, ..., H0 2^(COUNT-1) of the flat tile x (N values)."""
-    for s in tl.static_range(COUNT):
-        h: tl.constexpr = H0 * (1 << s)
-        y = tl.permute(tl.reshape(x, [N // (2 * h), 2, h]), [0, 2, 1])  # (group, j, {a, b})
+    for s in tl.static_range(COUNT):  # stage h = H0 << s
+        y = tl.permute(tl.reshape(x, [N // (2 * (H0 << s)), 2, H0 << s]), [0, 2, 1])  # (group, j, {a, b})
         a, b = tl.split(y)
         x = tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 2, 1]), [N])
     return x

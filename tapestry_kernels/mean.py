@@ -12,9 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode import Encoded, load_values, plain
+
 
 @triton.jit
-def _weighted_mean_kernel(X, rows, weights, out, m, d, stride, BLOCK_D: tl.constexpr):
+def _weighted_mean_kernel(X, S, rows, weights, out, m, d, stride, sstride, block, BLOCK_D: tl.constexpr,
+                          CODEC: tl.constexpr):
     """out[j] = sum_{t < m} weights[t] * X[rows[t], j], float64 accumulation, fixed order."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     inside = cols < d
@@ -22,23 +25,26 @@ def _weighted_mean_kernel(X, rows, weights, out, m, d, stride, BLOCK_D: tl.const
     for t in range(m):
         r = tl.load(rows + t)
         w = tl.load(weights + t)
-        x = tl.load(X + r * stride + cols, mask=inside, other=0.0)
+        x = load_values(X, S, r, cols, stride, sstride, block, inside, CODEC)
         acc += w * x.to(tl.float64)
     tl.store(out + cols, acc.to(tl.float32), mask=inside)
 
 
-def weighted_mean(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``sum_i w_i X[i]`` as float32 ``(d,)``; ``w`` is ``(n,)`` float64 (any device), already
-    normalised; rows with ``w_i == 0`` are not read."""
-    d = X.shape[1]
+def weighted_mean(X, w: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i X[i]`` as float32 ``(d,)``; ``X`` a tensor or stacked payload rows
+    (decode.Encoded); ``w`` is ``(n,)`` float64 (any device), already normalised; rows with
+    ``w_i == 0`` are not read."""
+    E = X if isinstance(X, Encoded) else plain(X)
+    d = E.d
     w = w.detach().to(torch.float64).cpu()
     keep = torch.nonzero(w != 0).flatten()
-    rows = keep.to(X.device)
-    weights = w[keep].to(X.device)
-    out = torch.empty(d, dtype=torch.float32, device=X.device)
+    rows = keep.to(E.X.device)
+    weights = w[keep].to(E.X.device)
+    out = torch.empty(d, dtype=torch.float32, device=E.X.device)
     if d == 0:
         return out
     BLOCK_D = max(16, min(1024, triton.next_power_of_2(d)))
-    _weighted_mean_kernel[(triton.cdiv(d, BLOCK_D),)](X, rows, weights, out, keep.numel(), d, X.stride(0),
-                                                        BLOCK_D=BLOCK_D, num_warps=4)
+    _weighted_mean_kernel[(triton.cdiv(d, BLOCK_D),)](E.X, E.S, rows, weights, out, keep.numel(), d, E.stride,
+                                                        E.sstride, E.block, BLOCK_D=BLOCK_D, CODEC=E.codec,
+                                                        num_warps=4)
     return out

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode import Encoded, load_values, plain
+
 # The biggest key (bits of a positive quiet NaN): canonical NaN and padding.
 _TOP = tl.constexpr(0x7FFFFFFF)
 # Keys per program above 64 rows (BLOCK_D * NP).
@@ -43,8 +45,10 @@ def _key_float(k):
 
 
 @triton.jit
-def _sorted_tile(X, rows, n, d, stride, pid, BLOCK_D: tl.constexpr, NP: tl.constexpr, GATHER: tl.constexpr):
-    """Column block ``pid`` as a (BLOCK_D, NP) tile of keys sorted along axis 1, its coordinates."""
+def _sorted_tile(X, S, rows, n, d, stride, sstride, block, pid, BLOCK_D: tl.constexpr, NP: tl.constexpr,
+                 GATHER: tl.constexpr, CODEC: tl.constexpr):
+    """Column block ``pid`` as a (BLOCK_D, NP) tile of keys sorted along axis 1, its coordinates
+    (values decoded on load, decode.py)."""
     cols = pid.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     r = tl.arange(0, NP)
     if GATHER:
@@ -52,7 +56,7 @@ def _sorted_tile(X, rows, n, d, stride, pid, BLOCK_D: tl.constexpr, NP: tl.const
     else:
         src = r.to(tl.int64)
     valid = (r[None, :] < n) & (cols[:, None] < d)
-    x = tl.load(X + src[None, :] * stride + cols[:, None], mask=valid, other=0.0).to(tl.float32)
+    x = load_values(X, S, src[None, :], cols[:, None], stride, sstride, block, valid, CODEC)
     keys = tl.where(r[None, :] < n, _float_key(x), _TOP)
     return tl.sort(keys, dim=1), cols
 
@@ -67,32 +71,40 @@ def _window_mean(v, lo, count):
 
 
 @triton.jit
-def _rank_window_kernel(X, out, n, d, stride, lo, hi, BLOCK_D: tl.constexpr, NP: tl.constexpr):
+def _rank_window_kernel(X, S, out, n, d, stride, sstride, block, lo, hi, BLOCK_D: tl.constexpr, NP: tl.constexpr,
+                        CODEC: tl.constexpr):
     """Per coordinate, the mean of the values ranked lo .. hi-1: trimmed_mean (f .. n-f-1) and
     coord_median ((n-1)//2 .. n//2) are this one kernel with two windows."""
     pid = tl.program_id(0)
-    keys, cols = _sorted_tile(X, X, n, d, stride, pid, BLOCK_D, NP, False)
+    keys, cols = _sorted_tile(X, S, X, n, d, stride, sstride, block, pid, BLOCK_D, NP, False, CODEC)
     r = _window_mean(_key_float(keys), lo, hi - lo)
     tl.store(out + cols, r.to(tl.float32), mask=cols < d)
 
 
 @triton.jit
-def _mean_around_median_kernel(X, rows, out, m, d, stride, k, BLOCK_D: tl.constexpr, NP: tl.constexpr):
-    """S = the m values of ``rows`` sorted, med their median. The k values closest to med (ties
-    to the smaller value) are the window S[s:s+k], where s counts the j < m-k with
-    S[j] + S[j+k] < 2 med: sliding the window right by one swaps S[j] for S[j+k], which pays
-    exactly when S[j+k] is strictly closer to med, and that test is monotone in j."""
+def _distance(v, med):
+    """|v - med|, and 0 for a value equal to the median (an infinite one too: inf - inf is NaN)."""
+    return tl.where(v == med, 0.0, tl.abs(v - med))
+
+
+@triton.jit
+def _mean_around_median_kernel(X, S, rows, out, m, d, stride, sstride, block, k, BLOCK_D: tl.constexpr,
+                               NP: tl.constexpr, CODEC: tl.constexpr):
+    """V = the m values of ``rows`` sorted, med their median. The k values closest to med (ties
+    to the smaller value) are the window V[s:s+k]: sliding the window right by one swaps V[j] for
+    V[j+k] and pays exactly when V[j+k] is strictly closer to med, so s = 1 + the last j where it
+    pays (0 if none). NaN distances compare false: NaN is never closer."""
     pid = tl.program_id(0)
-    keys, cols = _sorted_tile(X, rows, m, d, stride, pid, BLOCK_D, NP, True)
-    S = _key_float(keys).to(tl.float64)
+    keys, cols = _sorted_tile(X, S, rows, m, d, stride, sstride, block, pid, BLOCK_D, NP, True, CODEC)
+    V = _key_float(keys).to(tl.float64)
     j = tl.arange(0, NP)[None, :]
-    lower = tl.sum(tl.where(j == (m - 1) // 2, S, 0.0), axis=1)
-    upper = tl.sum(tl.where(j == m // 2, S, 0.0), axis=1)
-    twice_med = (lower + upper)[:, None]  # 2 * median, exact
-    ahead = tl.gather(S, tl.minimum(j + k, NP - 1) + tl.zeros_like(keys), axis=1)
-    slide = (j < m - k) & (S + ahead < twice_med)
-    s = tl.sum(slide.to(tl.int32), axis=1)[:, None]
-    r = _window_mean(S, s, k)
+    lower = tl.sum(tl.where(j == (m - 1) // 2, V, 0.0), axis=1)
+    upper = tl.sum(tl.where(j == m // 2, V, 0.0), axis=1)
+    med = ((lower + upper) * 0.5)[:, None]  # exact: float32 values in float64
+    ahead = tl.gather(V, tl.minimum(j + k, NP - 1) + tl.zeros_like(keys), axis=1)
+    pays = (j < m - k) & (_distance(ahead, med) < _distance(V, med))
+    s = tl.max(tl.where(pays, j + 1, 0), axis=1)[:, None]
+    r = _window_mean(V, s, k)
     tl.store(out + cols, r.to(tl.float32), mask=cols < d)
 
 
@@ -109,39 +121,44 @@ def _shape(n: int, d: int, around: bool = False) -> tuple[int, int, int]:
     return max(1, min(block, triton.next_power_of_2(d))), NP, warps
 
 
-def _window(X: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    n, d = X.shape
-    out = torch.empty(d, dtype=torch.float32, device=X.device)
-    if d == 0:
+def _window(E: Encoded, lo: int, hi: int) -> torch.Tensor:
+    out = torch.empty(E.d, dtype=torch.float32, device=E.X.device)
+    if E.d == 0:
         return out
-    BLOCK_D, NP, warps = _shape(n, d)
-    _rank_window_kernel[(triton.cdiv(d, BLOCK_D),)](X, out, n, d, X.stride(0), lo, hi, BLOCK_D=BLOCK_D, NP=NP,
-                                                     num_warps=warps)
+    BLOCK_D, NP, warps = _shape(E.n, E.d)
+    _rank_window_kernel[(triton.cdiv(E.d, BLOCK_D),)](E.X, E.S, out, E.n, E.d, E.stride, E.sstride, E.block, lo, hi,
+                                                     BLOCK_D=BLOCK_D, NP=NP, CODEC=E.codec, num_warps=warps)
     return out
 
 
-def trimmed_mean(X: torch.Tensor, f: int) -> torch.Tensor:
-    """Per coordinate, the mean of the values ranked ``f .. n-f-1`` (0 <= 2f < n)."""
-    n = X.shape[0]
-    return _window(X, f, n - f)
+def _encoded(X) -> Encoded:
+    return X if isinstance(X, Encoded) else plain(X)
 
 
-def coord_median(X: torch.Tensor) -> torch.Tensor:
+def trimmed_mean(X, f: int) -> torch.Tensor:
+    """Per coordinate, the mean of the values ranked ``f .. n-f-1`` (0 <= 2f < n); ``X`` a tensor
+    or stacked payload rows (decode.Encoded)."""
+    E = _encoded(X)
+    return _window(E, f, E.n - f)
+
+
+def coord_median(X) -> torch.Tensor:
     """Per coordinate median; for even ``n`` the mean of the two middle values."""
-    n = X.shape[0]
-    return _window(X, (n - 1) // 2, n // 2 + 1)
+    E = _encoded(X)
+    return _window(E, (E.n - 1) // 2, E.n // 2 + 1)
 
 
-def mean_around_median(X: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+def mean_around_median(X, rows: torch.Tensor, k: int) -> torch.Tensor:
     """Per coordinate over ``rows``, the mean of the ``k`` values closest to their median
     (ties in distance to the smaller value); ``1 <= k <= len(rows)``."""
-    d = X.shape[1]
+    E = _encoded(X)
     m = rows.numel()
-    rows = rows.to(device=X.device, dtype=torch.int64).contiguous()
-    out = torch.empty(d, dtype=torch.float32, device=X.device)
-    if d == 0:
+    rows = rows.to(device=E.X.device, dtype=torch.int64).contiguous()
+    out = torch.empty(E.d, dtype=torch.float32, device=E.X.device)
+    if E.d == 0:
         return out
-    BLOCK_D, NP, warps = _shape(m, d, around=True)
-    _mean_around_median_kernel[(triton.cdiv(d, BLOCK_D),)](X, rows, out, m, d, X.stride(0), k, BLOCK_D=BLOCK_D,
-                                                             NP=NP, num_warps=warps)
+    BLOCK_D, NP, warps = _shape(m, E.d, around=True)
+    _mean_around_median_kernel[(triton.cdiv(E.d, BLOCK_D),)](E.X, E.S, rows, out, m, E.d, E.stride, E.sstride,
+                                                             E.block, k, BLOCK_D=BLOCK_D, NP=NP, CODEC=E.codec,
+                                                             num_warps=warps)
     return out

@@ -148,6 +148,34 @@ def test_fused_select_kernels_match_the_reference_bit_for_bit(codec, isa):
         C.set_isa("best")
 
 
+@pytest.mark.parametrize("codec,sizes", [("int8", [(2, 7, 2), (33, 40, 16)]), ("int4", [(5, 257, 6), (70, 9, 8)]),
+                                         ("fp16", [(3, 50, 0)]), ("bf16", [(2, 9, 0)])])
+def test_triton_fused_ops_match_the_reference_bit_for_bit(codec, sizes):
+    """The Triton backend's *_encoded ops (interpreted on CPU tensors here, so sizes stay small)
+    decode inside the selection, mean and Gram kernels with the reference's bits: odd d, blocks
+    straddling column tiles, the >64-row tile path."""
+    for n, d, block in sizes:
+        qs, ss = _encoded_rows(n, d, codec, block, seed=n)
+        rows = torch.arange(n - 1, -1, -2)
+        k = max(1, rows.numel() // 2)
+        w = torch.rand(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+        w[::3] = 0
+        cases = [("weighted_mean_encoded", (w / w.sum() if w.sum() else w,)), ("trimmed_mean_encoded", ((n - 1) // 2,)),
+                 ("coord_median_encoded", ()), ("mean_around_median_encoded", (rows, k))]
+        with ops.backend("triton"):
+            for op, args in cases:
+                want = getattr(R, op)(qs, ss, codec, block, d, *args)
+                got = ops.call(op, qs, ss, codec, block, d, *args, device="cpu")
+                nan = torch.isnan(want)
+                assert torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], want[~nan]), \
+                    f"{op} n={n} d={d} block={block}: {_first_mismatch(got, want)}"
+            G = ops.call("gram_encoded", qs, ss, codec, block, d, device="cpu")
+            G_dense = ops.call("gram", R._dequantized(qs, ss, codec, block, d))
+        torch.testing.assert_close(G, G_dense, rtol=0, atol=0, equal_nan=True)
+        with ops.backend("triton"), pytest.raises(ValueError, match="row 0 needs"):
+            ops.call("coord_median_encoded", [q[:0] for q in qs], ss, codec, block, d, device="cpu")
+
+
 def test_fused_select_kernels_check_their_inputs():
     qs, ss = _encoded_rows(3, 100, "int8", 10)
     call = lambda *a: ops.call("trimmed_mean_encoded", *a, device="cpu")

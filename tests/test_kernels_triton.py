@@ -232,7 +232,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from tapestry_kernels import gram as G, mean as M, select as S
+from tapestry_kernels import gram as G, hadamard as H, mean as M, select as S
 
 target = GPUTarget("cuda", 90, 32)
 
@@ -242,28 +242,43 @@ def build(fn, sig, consts, aligned, **opts):
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target, options=opts)
     return k.asm["ptx"]
 
-window = {"X": "*fp32", "out": "*fp32", "n": "i32", "d": "i32", "stride": "i32", "lo": "i32", "hi": "i32",
-          "BLOCK_D": "constexpr", "NP": "constexpr"}
-for dt, np_ in [("*fp32", 32), ("*bf16", 64), ("*fp16", 128)]:
+# payload rows: plain values (CODEC 0) or packed int4 codes with float32 scales (2; int8, 1, is the
+# same path without the nibble split and is compiled by the rank-window kernel)
+CODECS = [("*fp32", 0), ("*u8", 2)]
+window = {"X": "*fp32", "S": "*fp32", "out": "*fp32", "n": "i32", "d": "i32", "stride": "i32", "sstride": "i32",
+          "block": "i32", "lo": "i32", "hi": "i32", "BLOCK_D": "constexpr", "NP": "constexpr", "CODEC": "constexpr"}
+for dt, np_, codec in [("*fp32", 32, 0), ("*bf16", 64, 0), ("*fp16", 128, 0), ("*i8", 32, 1), ("*u8", 100, 2)]:
     block, np2, warps = S._shape(np_, 1 << 26)
-    ptx = build(S._rank_window_kernel, dict(window, X=dt), {"BLOCK_D": block, "NP": np2}, ["X", "out", "d", "stride"],
-                num_warps=warps)
+    ptx = build(S._rank_window_kernel, dict(window, X=dt), {"BLOCK_D": block, "NP": np2, "CODEC": codec},
+                ["X", "out", "d", "stride"], num_warps=warps)
     if dt == "*fp32" and "ld.global.v4" not in ptx:
         sys.exit("rank window: no 16-byte loads")
 block, np2, warps = S._shape(32, 1 << 26, around=True)
-build(S._mean_around_median_kernel, {"X": "*fp32", "rows": "*i64", "out": "*fp32", "m": "i32", "d": "i32",
-      "stride": "i32", "k": "i32", "BLOCK_D": "constexpr", "NP": "constexpr"}, {"BLOCK_D": block, "NP": np2},
-      ["X", "out", "d", "stride"], num_warps=warps)
-ptx = build(M._weighted_mean_kernel, {"X": "*fp32", "rows": "*i64", "weights": "*fp64", "out": "*fp32", "m": "i32",
-            "d": "i32", "stride": "i32", "BLOCK_D": "constexpr"}, {"BLOCK_D": 1024}, ["X", "out", "d", "stride"],
-            num_warps=4)
-if "ld.global.v4" not in ptx:
-    sys.exit("weighted mean: no 16-byte loads")
-gram_sig = {"X": "*fp32", "partial": "*fp64", "n": "i32", "d": "i32", "stride": "i32", "tiles": "i32",
-            "BN": "constexpr", "BLOCK_D": "constexpr", "ROW_BLOCKS": "constexpr", "PRECISION": "constexpr"}
-for bn, rb in [(32, 1), (64, 2)]:
-    build(G._gram_kernel, gram_sig, {"BN": bn, "BLOCK_D": 64, "ROW_BLOCKS": rb, "PRECISION": "tf32x3"},
-          ["X", "d", "stride"], num_warps=8 if bn == 64 else 4, num_stages=3)
+for dt, codec in CODECS:
+    build(S._mean_around_median_kernel, {"X": dt, "S": "*fp32", "rows": "*i64", "out": "*fp32", "m": "i32",
+          "d": "i32", "stride": "i32", "sstride": "i32", "block": "i32", "k": "i32", "BLOCK_D": "constexpr",
+          "NP": "constexpr", "CODEC": "constexpr"}, {"BLOCK_D": block, "NP": np2, "CODEC": codec},
+          ["X", "out", "d", "stride"], num_warps=warps)
+    ptx = build(M._weighted_mean_kernel, {"X": dt, "S": "*fp32", "rows": "*i64", "weights": "*fp64", "out": "*fp32",
+                "m": "i32", "d": "i32", "stride": "i32", "sstride": "i32", "block": "i32", "BLOCK_D": "constexpr",
+                "CODEC": "constexpr"}, {"BLOCK_D": 1024, "CODEC": codec}, ["X", "out", "d", "stride"], num_warps=4)
+    if codec == 0 and "ld.global.v4" not in ptx:
+        sys.exit("weighted mean: no 16-byte loads")
+    gram_sig = {"X": dt, "S": "*fp32", "partial": "*fp64", "n": "i32", "d": "i32", "stride": "i32", "sstride": "i32",
+                "block": "i32", "tiles": "i32", "BN": "constexpr", "BLOCK_D": "constexpr", "ROW_BLOCKS": "constexpr",
+                "PRECISION": "constexpr", "CODEC": "constexpr"}
+    for bn, rb in [(32, 1), (64, 2)]:
+        build(G._gram_kernel, gram_sig, {"BN": bn, "BLOCK_D": 64, "ROW_BLOCKS": rb, "PRECISION": "tf32x3",
+              "CODEC": codec}, ["X", "d", "stride"], num_warps=8 if bn == 64 else 4, num_stages=3)
+# the Walsh-Hadamard transform: the block launch and a radix-16 row launch
+build(H._block_kernel, {"X": "*fp32", "Y": "*fp32", "signs": "*i32", "scale": "fp32", "B": "constexpr",
+      "LOG_B": "constexpr", "SIGNS_FIRST": "constexpr", "SCALE": "constexpr", "SIGNS_AFTER": "constexpr"},
+      {"B": H.BLOCK, "LOG_B": H.BLOCK.bit_length() - 1, "SIGNS_FIRST": True, "SCALE": False, "SIGNS_AFTER": False},
+      ["X", "Y", "signs"], num_warps=4)
+build(H._rows_kernel, {"Y": "*fp32", "signs": "*i32", "scale": "fp32", "h": "i64", "RR": "constexpr",
+      "LOG_RR": "constexpr", "WW": "constexpr", "SCALE": "constexpr", "SIGNS_AFTER": "constexpr"},
+      {"RR": H.R, "LOG_RR": H.R.bit_length() - 1, "WW": H.W, "SCALE": True, "SIGNS_AFTER": True}, ["Y", "signs"],
+      num_warps=4)
 print("ok")
 """
 

@@ -133,15 +133,17 @@ TAPESTRY_INLINE void select_tile(const SelectJob& J, int64_t j0, void* scratch, 
     // around median: the k values nearest the median (ties to the smaller value) are the window
     // [s, s+k) of the sorted column with s = 1 + the last t at which S[t+k] is strictly nearer
     // than S[t] (0 if none): left of s every window loses to its right neighbour, from s on none
-    // does. NaN distances compare false, so NaN is never nearer.
+    // does. A value equal to the median is at distance 0 (an infinite one too: inf - inf is NaN);
+    // NaN distances compare false, so NaN is never nearer.
     const int k = J.param;
     for (int l = 0; l < W; ++l) start[l] = 0;
     for (int r = 0; r + k < m; ++r) {
         const K* a = row(r);
         const K* b = row(r + k);
         for (int l = 0; l < W; ++l) {
-            double da = std::fabs(T::value(a[l]) - med[l]);
-            double db = std::fabs(T::value(b[l]) - med[l]);
+            const double va = T::value(a[l]), vb = T::value(b[l]);
+            const double da = va == med[l] ? 0.0 : std::fabs(va - med[l]);
+            const double db = vb == med[l] ? 0.0 : std::fabs(vb - med[l]);
             start[l] = da > db ? r + 1 : start[l];
         }
     }

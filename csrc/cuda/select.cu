@@ -106,12 +106,14 @@ __global__ void __launch_bounds__(kLargeThreads) select_large_kernel(const T* X,
     const int c = threadIdx.x;
     if (c >= C || c0 + c >= d) return;
     int start = lo;
-    if (mode == 1) {  // count = k
-        const double twice_med =
-            (double)key_float(keys[((n - 1) / 2) * C + c]) + (double)key_float(keys[(n / 2) * C + c]);
+    if (mode == 1) {  // count = k: median_window_mean's rule (select.cuh)
+        const double med =
+            ((double)key_float(keys[((n - 1) / 2) * C + c]) + (double)key_float(keys[(n / 2) * C + c])) * 0.5;
         start = 0;
-        for (int j = 0; j + count < n; ++j)
-            start += (double)key_float(keys[j * C + c]) + (double)key_float(keys[(j + count) * C + c]) < twice_med;
+        for (int j = 0; j + count < n; ++j) {
+            const double ahead = key_float(keys[(j + count) * C + c]), here = key_float(keys[j * C + c]);
+            if (median_distance(ahead, med) < median_distance(here, med)) start = j + 1;
+        }
     }
     double s = 0.0;
     for (int r = start; r < start + count; ++r) s += (double)key_float(keys[r * C + c]);

@@ -107,14 +107,20 @@ __host__ __device__ __forceinline__ void shift_down(uint32_t (&a)[NP], int k) {
     if constexpr (BIT < NP) shift_down<NP, 2 * BIT>(a, k);
 }
 
+// |v - med|, and 0 for a value equal to the median (an infinite one too: inf - inf is NaN).
+__host__ __device__ __forceinline__ double median_distance(double v, double med) {
+    return v == med ? 0.0 : fabs(v - med);
+}
+
 // Bulyan's coordinate stage on m sorted values: the mean of the k values closest to the median,
-// ties to the smaller value. Those form a window S[s .. s+k); sliding it right by one swaps S[j]
-// for S[j+k], which pays exactly when S[j] + S[j+k] < 2 med, a test monotone in j: so s counts
-// the j < m-k passing it. S[j+k] comes from a barrel shift by k (log2 NP constant-index stages).
+// ties to the smaller value. Those form a window S[s .. s+k): sliding it right by one swaps S[j]
+// for S[j+k] and pays exactly when S[j+k] is strictly closer, so s = 1 + the last j < m-k where it
+// pays (0 if none; a NaN distance is never closer). S[j+k] comes from a barrel shift by k
+// (log2 NP constant-index stages).
 template <int NP>
 __host__ __device__ __forceinline__ float median_window_mean(const uint32_t (&a)[NP], int m, int k) {
-    // 2 med: S[mid] + S[mid] for odd m, S[mid] + S[mid+1] for even m (exact in float64)
-    const double twice_med = window_sum<NP>(a, (m - 1) / 2, 2 - m % 2) * (m % 2 ? 2.0 : 1.0);
+    // med: S[mid] for odd m, (S[mid] + S[mid+1]) / 2 for even m (exact in float64)
+    const double med = window_sum<NP>(a, (m - 1) / 2, 2 - m % 2) / (2 - m % 2);
     uint32_t ahead[NP];
 #pragma unroll
     for (int q = 0; q < NP; ++q) ahead[q] = a[q];
@@ -122,7 +128,7 @@ __host__ __device__ __forceinline__ float median_window_mean(const uint32_t (&a)
     int s = 0;
 #pragma unroll
     for (int q = 0; q < NP; ++q)
-        s += (q < m - k && (double)key_float(a[q]) + (double)key_float(ahead[q]) < twice_med) ? 1 : 0;
+        if (q < m - k && median_distance(key_float(ahead[q]), med) < median_distance(key_float(a[q]), med)) s = q + 1;
     return window_mean<NP>(a, s, k);
 }
 

@@ -60,16 +60,20 @@ def coord_median(X: torch.Tensor) -> torch.Tensor:
 
 def mean_around_median(X: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
     """Bulyan's coordinate stage: per coordinate, among the values of ``rows``, the mean of the
-    ``k`` values closest to their median. Ties in distance go to the smaller value, so the ``k``
-    values always form a contiguous window of the sorted column."""
+    ``k`` values closest to their median, a window ``S[s:s+k]`` of the sorted column: sliding it
+    right by one swaps ``S[j]`` for ``S[j+k]`` and pays when ``S[j+k]`` is strictly nearer, so
+    ``s = 1 +`` the last ``j`` where it pays (0 if none; ties go to the smaller values). A value
+    equal to the median is at distance 0 (also an infinite one: ``inf - inf`` would be NaN); a NaN
+    distance is never nearer."""
     sub = X.index_select(0, rows.to(X.device))
     S = _sorted(sub)
-    med = coord_median(S.to(torch.float64)).to(torch.float64)
-    # an infinite median is at distance 0 from the equal infinities (inf - inf would be NaN)
+    m = S.shape[0]
+    med = coord_median(S).to(torch.float64)
     dist = torch.where(S == med, 0.0, (S - med).abs())
-    # stable sort on distance keeps ascending value order among equal distances
-    order = torch.sort(dist, dim=0, stable=True).indices[:k]
-    return _result(X, torch.gather(S, 0, order).mean(0))
+    j = torch.arange(1, m - k + 1, device=S.device)[:, None]
+    start = torch.where(dist[k:] < dist[: m - k], j, 0).amax(0) if k < m else torch.zeros_like(med, dtype=torch.long)
+    window = start[None, :] + torch.arange(k, device=S.device)[:, None]
+    return _result(X, torch.gather(S, 0, window).mean(0))
 
 
 def gram(X: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from . import no_kernel_for
+from . import check_encoded, no_kernel_for
 
 # dtype codes shared with csrc/common.h
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -116,32 +116,14 @@ def gram(X: torch.Tensor) -> torch.Tensor:
 
 # Fused decode-and-aggregate: the kernels decode a tile of every row at a time (csrc/cpu/quant_rows.h).
 
-ROW_CODECS = {"int8": 0, "int4": 1, "fp16": 2, "bf16": 3}  # csrc/cpu/quant_rows.h RowCodec
+_ROW_CODE = {"int8": 0, "int4": 1, "fp16": 2, "bf16": 3}  # csrc/cpu/quant_rows.h RowCodec
 
 
 def _encoded_rows(op: str, qs: list, scales: list, codec: str, block: int, d: int) -> tuple[list[int], list[int], int]:
-    """Pointers to each row's values and scales, and the codec's code, after checking that every
-    row holds ``d`` values (and, for int8/int4, its scales)."""
-    if codec not in ROW_CODECS:
-        raise ValueError(f"{op}: codec must be one of {list(ROW_CODECS)}, got {codec!r}")
-    quantized = codec in ("int8", "int4")
-    if quantized and not (2 <= block <= 4096 and block % 2 == 0):
-        raise ValueError(f"{op}: block must be even and in [2, 4096], got {block}")
-    if not qs or (quantized and len(qs) != len(scales)):
-        raise ValueError(f"{op}: needs n >= 1 rows and, for {codec}, as many rows of scales")
-    width = 1 if quantized else 2
-    count = (d + 1) // 2 if codec == "int4" else d
-    for i, q in enumerate(qs):
-        if q.device.type != "cpu" or q.element_size() != width or not q.is_contiguous() or q.numel() < count:
-            raise ValueError(f"{op}: row {i} needs {count} contiguous {width}-byte {codec} values on the CPU, "
-                             f"got {q.numel()} {q.dtype}")
-    if not quantized:
-        return [q.data_ptr() for q in qs], [0] * len(qs), ROW_CODECS[codec]
-    nscales = -(-d // block)
-    for i, s in enumerate(scales):
-        if s.device.type != "cpu" or s.dtype != torch.float32 or not s.is_contiguous() or s.numel() < nscales:
-            raise ValueError(f"{op}: row {i} needs {nscales} contiguous float32 scales on the CPU, got {s.numel()} {s.dtype}")
-    return [q.data_ptr() for q in qs], [s.data_ptr() for s in scales], ROW_CODECS[codec]
+    """Pointers to each row's values and scales, and the codec's code, after check_encoded."""
+    check_encoded(op, qs, scales, codec, block, d, torch.device("cpu"))
+    sp = [s.data_ptr() for s in scales] if codec in ("int8", "int4") else [0] * len(qs)
+    return [q.data_ptr() for q in qs], sp, _ROW_CODE[codec]
 
 
 def weighted_mean_encoded(qs: list, scales: list, codec: str, block: int, d: int, w) -> torch.Tensor:

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from . import no_kernel_for
+from . import check_encoded, no_kernel_for
 
 
 def _interpret() -> bool:
@@ -36,10 +36,12 @@ def rejects(op: str, device: torch.device, args: tuple = ()) -> str | None:
 # robust aggregation (tapestry_kernels/select.py, gram.py, mean.py)
 
 
-def _on_device(X: torch.Tensor):
-    """Launch on X's GPU (Triton launches on the current device), nothing for CPU tensors."""
+def _on_device(X):
+    """Launch on the GPU of X (a tensor or stacked payload rows; Triton launches on the current
+    device), nothing for CPU tensors."""
     import contextlib
 
+    X = getattr(X, "X", X)
     return torch.cuda.device(X.device) if X.is_cuda else contextlib.nullcontext()
 
 
@@ -76,6 +78,41 @@ def gram(X: torch.Tensor) -> torch.Tensor:
 
     with _on_device(X):
         return kernels.gram(X)
+
+
+# Fused decode-and-aggregate: the payload rows, stacked, are decoded inside the kernels above
+# (tapestry_kernels/decode.py), so int8/int4 codes cross to the GPU instead of float32 values.
+
+
+def _stacked(op: str, qs: list, scales: list, codec: str, block: int, d: int):
+    from tapestry_kernels import decode
+
+    check_encoded(op, qs, scales, codec, block, d, qs[0].device if qs else torch.device("cpu"))
+    return decode.stacked(qs, scales, codec, block, d)
+
+
+def weighted_mean_encoded(qs: list, scales: list, codec: str, block: int, d: int, w) -> torch.Tensor:
+    E = _stacked("weighted_mean_encoded", qs, scales, codec, block, d)
+    return weighted_mean(E, torch.as_tensor(w, dtype=torch.float64))
+
+
+def gram_encoded(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
+    return gram(_stacked("gram_encoded", qs, scales, codec, block, d))
+
+
+def trimmed_mean_encoded(qs: list, scales: list, codec: str, block: int, d: int, f: int) -> torch.Tensor:
+    if not 0 <= 2 * f < len(qs):
+        raise ValueError(f"trimmed_mean needs 0 <= 2f < n, got n={len(qs)}, f={f}")
+    return trimmed_mean(_stacked("trimmed_mean_encoded", qs, scales, codec, block, d), f)
+
+
+def coord_median_encoded(qs: list, scales: list, codec: str, block: int, d: int) -> torch.Tensor:
+    return coord_median(_stacked("coord_median_encoded", qs, scales, codec, block, d))
+
+
+def mean_around_median_encoded(qs: list, scales: list, codec: str, block: int, d: int, rows, k: int) -> torch.Tensor:
+    return mean_around_median(_stacked("mean_around_median_encoded", qs, scales, codec, block, d),
+                              torch.as_tensor(rows), k)
 
 
 # ---------------------------------------------------------------------------------------------
