@@ -111,15 +111,12 @@ class Transport:
         """What results.json records about privacy (None without --dp)."""
         if not self.dp:
             return None
+        if self._central is not None:
+            return self._central.summary()
         cfg = self.config
         out = {"mechanism": self.dp, "target_epsilon": cfg.dp_epsilon if cfg.dp_epsilon != float("inf") else None,
                "delta": cfg.dp_delta, "sampling": cfg.dp_sampling, "accountant": cfg.dp_accountant}
-        if self._central is not None and self._central.private:
-            c = self._central
-            out.update(noise_multiplier=c.z, noise_multiplier_data=c.z_data, adaptive=c.adaptive,
-                       epsilon=[r.epsilon for r in c.reports], clip=[r.clip for r in c.reports],
-                       clipped_fraction=[r.clipped_fraction for r in c.reports])
-        elif self._distributed is not None:
+        if self._distributed is not None:
             p = self._plan
             out.update(noise_multiplier=self._z, effective_noise_multiplier=self._accountant.z,
                        epsilon=self._eps, bits=p.bits, scale=p.scale, delta2=p.delta2, local_variance=p.local_var,

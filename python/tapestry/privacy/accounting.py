@@ -81,9 +81,14 @@ class Schedule:
         return dp.rdp.RdpAccountant(RDP_ORDERS, neighboring_relation=rel)
 
 
-def check_delta(delta: float) -> float:
+def check_delta(delta: float, population: int | None = None) -> float:
+    """``delta`` in (0, 1), and below ``1 / population`` when given: at ``delta >= 1/N`` publishing
+    one participant's data outright is (0, delta)-DP, so the guarantee says nothing."""
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if population is not None and delta >= 1 / population:
+        raise ValueError(f"delta {delta:g} >= 1/population = 1/{population}: publishing one participant's data "
+                         f"outright meets that delta (no privacy); take delta < {1 / population:.3g}")
     return float(delta)
 
 
@@ -108,7 +113,7 @@ def noise_for_epsilon(target_epsilon: float, *, delta: float, schedule: Schedule
 def _noise_for_epsilon(target_epsilon: float, delta: float, schedule: Schedule, max_noise: float) -> float:
     """The smallest noise multiplier whose epsilon at ``delta`` after the schedule is at most
     ``target_epsilon`` (dp-accounting's ``calibrate_dp_mechanism``). Unreachable targets raise."""
-    check_delta(delta)
+    check_delta(delta, schedule.population)
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target epsilon must be finite and > 0, got {target_epsilon!r}")
     dp = _dp()

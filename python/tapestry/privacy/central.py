@@ -18,7 +18,7 @@ integer samplers serve the distributed mechanism (:mod:`.distributed`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -55,7 +55,7 @@ class CentralDP:
     reports: list = field(default_factory=list)
 
     def __post_init__(self):
-        check_delta(self.delta)
+        check_delta(self.delta, self.schedule.population)
         if not (self.clip > 0 and math.isfinite(self.clip)):
             raise ValueError(f"clip must be finite and > 0, got {self.clip}")
         if (self.epsilon is None) == (self.noise_multiplier is None):
@@ -100,37 +100,112 @@ class CentralDP:
         sampling) for round ``rnd``; records the epsilon spent so far in :attr:`reports`."""
         if not isinstance(deltas, torch.Tensor) or deltas.dim() != 2:
             raise ValueError("deltas must be an (n, d) tensor")
-        if self.rounds_done >= self.schedule.rounds and self.private:
-            raise ValueError(f"round {rnd}: the schedule's {self.schedule.rounds} rounds are spent; the privacy "
-                             f"budget does not cover another")
         if not self.private:
-            self.rounds_done += 1
+            self._spend(rnd)
             self.reports.append(RoundReport(rnd, math.inf, self.clip, 0.0, deltas.shape[0]))
             return deltas.mean(0)
-        x = deltas.to(torch.float64)
-        norms = torch.linalg.vector_norm(x, dim=1)
+        total, norms = clipped_sum(InMemory(deltas), self.clip)
         if not bool(torch.isfinite(norms).all()):
             bad = int((~torch.isfinite(norms)).nonzero()[0])
             raise ValueError(f"participant row {bad}: non-finite update cannot be clipped")
-        factor = torch.clamp(self.clip / torch.clamp(norms, min=1e-300), max=1.0)
-        total = (x * factor[:, None]).sum(0)
+        return self.release(total, norms, rnd).to(deltas.dtype)
+
+    def release(self, total: torch.Tensor, norms: torch.Tensor, rnd: int) -> torch.Tensor:
+        """Round ``rnd``'s private mean (float64) from ``total``, the sum of the updates clipped to
+        :attr:`clip` (:func:`clipped_sum`, or the :class:`ClippedSum` rule over a sharded
+        all-reduce), and ``norms``, every update's norm (non-finite: left out of the sum): add the
+        noise once, divide by the expected count, move an adaptive clip, account the round."""
+        self._spend(rnd)
         std = self.z_data * self.sensitivity_factor * self.clip
-        total += torch.randn(total.shape, generator=self._gen(rnd, 0), dtype=torch.float64) * std
+        total = total.to(torch.float64) + torch.randn(total.shape, generator=self._gen(rnd, 0),
+                                                      dtype=torch.float64) * std
+        n = int(torch.isfinite(norms).sum())
         unclipped = float((norms <= self.clip).sum())
         clip_used = self.clip
         if self.adaptive:  # Andrew et al.: geometric step toward the target quantile
             noisy = (unclipped + float(torch.randn((), generator=self._gen(rnd, 1), dtype=torch.float64))
                      * self.count_stddev) / self.denominator
             self.clip = self.clip * math.exp(-self.clip_lr * (noisy - self.target_quantile))
-        self.rounds_done += 1
         eps = self.accountant.step()
-        n = deltas.shape[0]
         self.reports.append(RoundReport(rnd, eps, clip_used, 1 - unclipped / n if n else 0.0, n))
-        return (total / self.denominator).to(deltas.dtype)
+        return total / self.denominator
+
+    def _spend(self, rnd: int) -> None:
+        if self.rounds_done >= self.schedule.rounds and self.private:
+            raise ValueError(f"round {rnd}: the schedule's {self.schedule.rounds} rounds are spent; the privacy "
+                             f"budget does not cover another")
+        self.rounds_done += 1
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs (the clip moves under adaptive clipping; the accountant is
+        replayed from the reports)."""
+        return {"clip": self.clip, "reports": [asdict(r) for r in self.reports]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clip = float(state["clip"])
+        self.reports = [RoundReport(**r) for r in state["reports"]]
+        self.rounds_done = len(self.reports)
+        if self.accountant is not None:
+            for _ in self.reports:
+                self.accountant.step()
+
+    def summary(self) -> dict:
+        """What results.json records about the run's privacy (``tapestry simulate`` and ``train``)."""
+        s = self.schedule
+        out = {"mechanism": "central", "target_epsilon": self.epsilon if self.private else None, "delta": self.delta,
+               "sampling": s.sampling, "accountant": s.accountant}
+        if not self.private:
+            return {**out, "epsilon": None, "note": "epsilon = inf: the non-private run"}
+        return {**out, "noise_multiplier": self.z, "noise_multiplier_data": self.z_data, "adaptive": self.adaptive,
+                "epsilon": [r.epsilon for r in self.reports], "clip": [r.clip for r in self.reports],
+                "clipped_fraction": [r.clipped_fraction for r in self.reports]}
 
     @property
     def epsilon_spent(self) -> float:
         return self.reports[-1].epsilon if self.reports else 0.0
+
+
+def clipped_sum(src: Columns, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 sum of the rows of ``src``, each scaled to L2 norm at most ``clip``, and every
+    row's norm (float64). A row's norm is over all its coordinates: on a coordinate shard of
+    :func:`tapestry.distributed.all_reduce`, ``src.reduce`` sums the squared partial norms over the
+    ranks, so every shard scales a participant by the same factor. Rows holding NaN/Inf (their
+    norm is not finite) are left out of the sum."""
+    x = src.read(0, src.d).to(torch.float64)
+    norms = torch.linalg.vector_norm(x, dim=1)
+    if _sharded(src):  # the whole update's norm (one process keeps vector_norm's own bits)
+        norms = torch.sqrt(src.reduce(norms * norms))
+    finite = torch.isfinite(norms)
+    factor = torch.clamp(clip / torch.clamp(norms[finite], min=1e-300), max=1.0)
+    rows = x if bool(finite.all()) else x[finite]
+    return (rows * factor[:, None]).sum(0), norms
+
+
+def _sharded(src: Columns) -> bool:
+    """Whether ``src`` is one shard of the coordinates (its ``reduce`` sums over other shards)."""
+    return type(src).reduce is not Columns.reduce
+
+
+class ClippedSum(Rule):
+    """The clipping half of :class:`CentralDP` as a rule, for the sharded all-reduce
+    (``tapestry train --dp central``): the sum of the updates, each scaled to whole-update L2 norm
+    at most ``clip`` (:func:`clipped_sum`); updates holding NaN/Inf are left out and named in
+    ``info.nonfinite``; ``info.scores`` holds every update's norm, the same on every rank.
+    :meth:`CentralDP.release` then adds the noise, once, to the reduced sum."""
+
+    name = "clipped_sum"
+    deltas_only = True
+
+    def __init__(self, clip: float):
+        if not (clip > 0 and math.isfinite(clip)):
+            raise ValueError(f"clipped_sum: clip must be finite and > 0, got {clip}")
+        self.clip = float(clip)
+
+    def aggregate(self, src: Columns, *, want_info: bool) -> tuple[torch.Tensor, AggregationInfo]:
+        total, norms = clipped_sum(src, self.clip)
+        info = AggregationInfo(self.name, src.n, scores=norms, backend="reference",
+                               nonfinite=torch.nonzero(~torch.isfinite(norms)).flatten().tolist())
+        return total.to(torch.float32), info
 
 
 def privatize_mean(deltas, dp: CentralDP, rnd: int) -> torch.Tensor:
@@ -158,9 +233,10 @@ class DPMean(Rule):
         self.rounds = 0
 
     def aggregate(self, src: Columns, *, want_info: bool) -> tuple[torch.Tensor, AggregationInfo]:
-        if not isinstance(src, InMemory):
+        if not isinstance(src, InMemory) or _sharded(src):
             raise ValueError("dp_mean clips each update by its whole norm: the updates must be in memory in one "
-                             "process (not sharded, streamed or compressed)")
+                             "process (not sharded, streamed or compressed; over tapestry.distributed.all_reduce "
+                             "use ClippedSum and CentralDP.release)")
         X = src.read(0, src.d)
         finite = torch.isfinite(X).all(1)
         self.rounds += 1

@@ -1,6 +1,7 @@
 """``tapestry train``: DiLoCo on torch.distributed, one rank per participant, robust all-reduce.
 
     tapestry train --participants 4 --inner-steps 25 --rule trimmed_mean --f 1 --codec int8 --out out/train
+    tapestry train --participants 4 --dp central --epsilon 4,16,inf --delta 1e-5 --dp-clip 0.5 --out out/dp
     torchrun --nproc-per-node 4 -m tapestry train --participants 4 ...
 
 Every run (``--rule`` x ``--attack``, comma-separated) is checked before any process starts (names,
@@ -85,11 +86,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--heads", type=int, default=d.heads, help=f"(default {d.heads})")
     m.add_argument("--files", type=int, default=d.files, help=f"standard-library files per participant (default {d.files})")
     m.add_argument("--chars-per-file", type=int, default=d.chars_per_file, help=f"(default {d.chars_per_file})")
+    p = parser.add_argument_group("differential privacy (docs/privacy.md; rule mean)")
+    p.add_argument("--dp", default=None, metavar="central",
+                   help="central: each pseudo-gradient clipped to --dp-clip by its whole L2 norm, Gaussian noise "
+                        "on the sum, epsilon accounted after every outer step")
+    p.add_argument("--epsilon", default=None, metavar="E[,E...]",
+                   help="privacy budget of the whole run at --delta; a list runs each; inf is the non-private run")
+    p.add_argument("--delta", type=_float, default=d.dp_delta, help=f"(default {d.dp_delta}; below 1/participants)")
+    p.add_argument("--dp-clip", type=_float, default=d.dp_clip,
+                   help=f"L2 clip of each pseudo-gradient (default {d.dp_clip})")
+    p.add_argument("--dp-adaptive", action="store_true",
+                   help="adapt the clip toward the median norm (Andrew et al. 2021)")
 
 
 def configs_from(args) -> list:
     """Every run of the command, each validated (before any process starts)."""
     from ..federated.attacks import get_attack
+    from ..federated.cli import _epsilons
     from .config import TrainConfig, validate
 
     rules = [r.strip() for r in args.rule.split(",") if r.strip()]
@@ -102,7 +115,7 @@ def configs_from(args) -> list:
         att = get_attack(attack)
         byz = args.byzantine if args.byzantine is not None else (0.0 if attack == "none" else 0.25)
         strength = getattr(args, f"{att.name}_{att.param}", None) if att.param else None
-        for rule in rules:
+        for rule, eps in [(r, e) for r in rules for e in _epsilons(args)]:
             cfg = TrainConfig(
                 task=args.task, mode=args.mode, participants=args.participants, inner_steps=args.inner_steps,
                 outer_steps=args.outer_steps, outer=args.outer, outer_lr=args.outer_lr,
@@ -110,7 +123,8 @@ def configs_from(args) -> list:
                 attack=attack, byzantine=byz, strength=strength, lr=args.lr, warmup=args.warmup,
                 weight_decay=args.weight_decay, clip=args.clip, batch_size=args.batch_size, context=args.context,
                 width=args.width, layers=args.layers, heads=args.heads, files=args.files,
-                chars_per_file=args.chars_per_file, seed=args.seed, timeout=args.timeout)
+                chars_per_file=args.chars_per_file, seed=args.seed, timeout=args.timeout, dp=args.dp,
+                dp_epsilon=eps, dp_delta=args.delta, dp_clip=args.dp_clip, dp_adaptive=args.dp_adaptive)
             validate(cfg)
             out.append(cfg)
     labels = [c.label for c in out]
@@ -156,7 +170,8 @@ def run(args) -> int:
 def _label(r) -> str:
     if r.mode == "dataparallel":
         return "data-parallel"
-    return r.rule if r.codec == "float32" else f"{r.rule} ({r.codec})"
+    name = r.rule if r.codec == "float32" else f"{r.rule} ({r.codec})"
+    return f"{name} dp eps={float(r.config['dp_epsilon']):g}" if r.config.get("dp") else name
 
 
 def _ns(doc: dict) -> SimpleNamespace:
@@ -172,6 +187,7 @@ def _mib(b: int) -> str:
 
 def markdown(runs: list[SimpleNamespace]) -> str:
     from ..federated.cli import summary_markdown
+    from ..privacy.report import epsilon_line
 
     lines = [summary_markdown(runs, "loss", label=_label), "",
              "| run | attack | Byzantine ranks | final held-out loss | MiB sent per participant | seconds | inner steps |",
@@ -181,6 +197,9 @@ def markdown(runs: list[SimpleNamespace]) -> str:
         lines.append(f"| {_label(r)} | {r.attack} | {r.byzantine_ranks or '-'} | "
                      f"{'nan' if math.isnan(final) else f'{final:.4f}'} | {_mib(r.bytes_sent)}"
                      f"{' (ring model)' if r.mode == 'dataparallel' else ''} | {r.seconds:.1f} | {r.inner_steps_total} |")
+    private = [SimpleNamespace(rule=_label(r), privacy=r.privacy) for r in runs if getattr(r, "privacy", None)]
+    if private:
+        lines += [""] + ["- " + epsilon_line(r) for r in private]
     c = runs[0].config
     lines += ["", f"charlm: {c['participants']} participants, {c['files']} files each, H = {c['inner_steps']} inner "
               f"steps, {c['outer_steps']} outer steps ({c['outer']}), model width {c['width']}, {c['layers']} layers, "

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 MODES = ("diloco", "dataparallel")
-# Fields that may change at a --resume: they say how far or how patiently to run, not what is trained.
+# Fields that may change at a --resume: they say how far or how patiently to run, not what is trained
+# (outer_steps not under --dp: the privacy budget is spread over them).
 RESUMABLE = ("outer_steps", "timeout")
 
 
@@ -48,6 +49,12 @@ class TrainConfig:
     chars_per_file: int = 40_000
     seed: int = 0
     timeout: float = 60.0            # seconds any collective waits for a peer
+    # central differential privacy (train/dp.py, docs/privacy.md; rule mean only)
+    dp: str | None = None            # "central": clipped pseudo-gradients, Gaussian noise on their sum
+    dp_epsilon: float | None = None  # epsilon of the whole run at dp_delta (inf: the non-private run)
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0             # L2 clip of each pseudo-gradient (adaptive: the initial clip)
+    dp_adaptive: bool = False        # adapt the clip toward the median norm (Andrew et al. 2021)
 
     # -- derived ----------------------------------------------------------------------------------
     @property
@@ -60,10 +67,11 @@ class TrainConfig:
 
     @property
     def label(self) -> str:
-        """A name unique to (mode, rule, attack, codec): the checkpoint's file and the run's key."""
+        """A name unique to (mode, rule, attack, codec, epsilon): the checkpoint's file and the run's key."""
         if self.mode == "dataparallel":
             return "dataparallel"
-        return f"diloco-{self.rule}-{self.codec or 'float32'}-{self.attack}"
+        dp = f"-dp{self.dp_epsilon:g}" if self.dp else ""
+        return f"diloco-{self.rule}-{self.codec or 'float32'}-{self.attack}{dp}"
 
     @property
     def outer_hparams(self) -> dict:
@@ -84,15 +92,18 @@ class TrainConfig:
 
 
 def differences(saved: dict, now: TrainConfig) -> list[str]:
-    """``"name: saved -> now"`` for every setting that a resume may not change."""
-    mine = now.to_dict()
+    """``"name: saved -> now"`` for every setting that a resume may not change (a setting added
+    since the checkpoint was written counts as its default)."""
+    mine, default = now.to_dict(), TrainConfig().to_dict()
     out = []
     for key in sorted(set(saved) | set(mine)):
-        if key in RESUMABLE:
+        calibrated = key == "outer_steps" and now.dp  # the noise was calibrated to the whole run's steps
+        if key in RESUMABLE and not calibrated:
             continue
-        a, b = saved.get(key, "<absent>"), mine.get(key, "<absent>")
+        a, b = saved.get(key, default.get(key, "<absent>")), mine.get(key, "<absent>")
         if a != b:
-            out.append(f"{key}: {a!r} in the checkpoint, {b!r} now")
+            out.append(f"{key}: {a!r} in the checkpoint, {b!r} now" +
+                       (" (--dp calibrated the noise to the run's outer steps)" if calibrated else ""))
     return out
 
 
@@ -141,6 +152,8 @@ def validate(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    from .dp import check as check_dp
+    check_dp(c)
     if c.n_byzantine >= c.participants:
         raise ValueError(f"--byzantine {c.byzantine} makes all {c.participants} participants Byzantine")
     if c.n_byzantine and c.attack == "none":

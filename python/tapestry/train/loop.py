@@ -14,6 +14,8 @@ DiLoCo (Douillard et al. 2023), one outer step:
 5. rank 0 scores the global model on held-out files and writes the checkpoint (every rank's
    inner-optimizer state, data position and RNG state gathered to it).
 
+With ``--dp central`` step 3 is the clipped sum and the noise is added after it (:mod:`.dp`).
+
 ``mode="dataparallel"``: the gradients are averaged over the ranks after every inner step (one
 gloo all-reduce) and there is no outer step; its bytes follow the ring all-reduce model
 ``2 (n-1)/n * 4 d`` per step and rank. Everything is deterministic under ``seed`` (deterministic
@@ -31,10 +33,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector
 
-from ..distributed import CollectiveError, all_reduce
+from ..distributed import CollectiveError
 from ..federated.attacks import get_attack
 from ..federated.loop import _gen
-from . import checkpoint
+from . import checkpoint, dp
 from ..optim import server_optimizer
 from .config import TrainConfig, build_rule
 from .data import Batches, evaluate, load_shards, make_model
@@ -64,6 +66,7 @@ class RunRecord:
     nonfinite: list[list]                   # [outer step, [participants]] where any sent NaN/Inf
     rejected: list[list] = field(default_factory=list)   # [outer step, [participants]] (selecting rules)
     nonfinite_steps: int = 0                # outer steps whose aggregate held NaN/Inf (it reached the model)
+    privacy: dict | None = None             # --dp: epsilon after each outer step, noise multiplier, clip
 
     @property
     def rule(self) -> str:
@@ -87,15 +90,20 @@ class RunRecord:
         def clean(xs):
             return [x if math.isfinite(x) else None for x in xs]
         c = self.config
-        return {"label": TrainConfig.from_dict(c).label, "mode": c["mode"], "rule": self.rule, "attack": self.attack,
-                "codec": self.codec, "loss": clean(self.loss), "final_loss": clean(self.loss)[-1],
-                "accuracy": clean(self.accuracy), "initial_loss": self.initial_loss,
-                "bytes_sent": int(self.bytes_sent), "bytes_sent_by_rank": [int(b) for b in self.bytes_by_rank],
-                "bytes_model": "ring all-reduce model 2(n-1)/n*4d per step" if c["mode"] == "dataparallel"
-                else "measured by tapestry.distributed.all_reduce",
-                "seconds": round(self.seconds, 3), "inner_steps_total": c["inner_steps"] * c["outer_steps"],
-                "byzantine_ranks": self.byzantine_ranks, "nonfinite": self.nonfinite, "rejected": self.rejected,
-                "nonfinite_steps": self.nonfinite_steps, "config": c}
+        out = {"label": TrainConfig.from_dict(c).label, "mode": c["mode"], "rule": self.rule, "attack": self.attack,
+               "codec": self.codec, "loss": clean(self.loss), "final_loss": clean(self.loss)[-1],
+               "accuracy": clean(self.accuracy), "initial_loss": self.initial_loss,
+               "bytes_sent": int(self.bytes_sent), "bytes_sent_by_rank": [int(b) for b in self.bytes_by_rank],
+               "bytes_model": "ring all-reduce model 2(n-1)/n*4d per step" if c["mode"] == "dataparallel"
+               else "measured by tapestry.distributed.all_reduce",
+               "seconds": round(self.seconds, 3), "inner_steps_total": c["inner_steps"] * c["outer_steps"],
+               "byzantine_ranks": self.byzantine_ranks, "nonfinite": self.nonfinite, "rejected": self.rejected,
+               "nonfinite_steps": self.nonfinite_steps,
+               "config": {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v  # --epsilon inf
+                          for k, v in c.items()}}
+        if self.privacy is not None:
+            out["privacy"] = self.privacy
+        return out
 
 
 def _set_params(model: torch.nn.Module, w: torch.Tensor) -> None:
@@ -148,6 +156,7 @@ def train_rank(job: TrainJob, *, rank: int, world: int, device=None) -> RunRecor
     batches = Batches(shards[rank], cfg.context, cfg.batch_size, cfg.seed, rank)
     outer = server_optimizer(cfg.outer, w, **cfg.outer_hparams) if diloco else None
     rule = build_rule(cfg) if diloco else None
+    cdp = dp.central(cfg)   # None without --dp
     attack = get_attack(cfg.attack)
     strength = attack.default if cfg.strength is None else cfg.strength
     byzantine = sorted(torch.randperm(world, generator=_gen(cfg.seed, 1))[:cfg.n_byzantine].tolist())
@@ -167,6 +176,8 @@ def train_rank(job: TrainJob, *, rank: int, world: int, device=None) -> RunRecor
         hist = doc["history"]
         hist["nonfinite"] = mine["nonfinite"]  # what THIS rank's all_reduce said
         start_step = int(doc["step"])
+        if cdp is not None:
+            cdp.load_state_dict(doc["dp"])
     _set_params(model, w)
     if start_step == 0 and rank == 0:
         model.eval()
@@ -204,8 +215,8 @@ def train_rank(job: TrainJob, *, rank: int, world: int, device=None) -> RunRecor
                     delta = parameters_to_vector(model.parameters()) - w
                     with _peers(rank, f"the all-reduce of outer step {step}", cfg.timeout):
                         delta = _attack(delta, attack, strength, byzantine, rank, world, cfg, step)
-                        agg, info = all_reduce(delta, rule, codec=cfg.codec, block=cfg.block,
-                                               seed=_seed(cfg.seed, 9, step), timeout=cfg.timeout, return_info=True)
+                        agg, info = dp.outer_all_reduce(delta, rule, cdp, step, codec=cfg.codec, block=cfg.block,
+                                                        seed=_seed(cfg.seed, 9, step), timeout=cfg.timeout)
                     sent += info.bytes_sent
                     if info.nonfinite:
                         hist["nonfinite"].append([step, list(info.nonfinite)])
@@ -225,7 +236,8 @@ def train_rank(job: TrainJob, *, rank: int, world: int, device=None) -> RunRecor
                 hist["accuracy"].append(metrics["accuracy"])
                 if bar is not None:
                     bar.outer(step, metrics["loss"], hist["nonfinite"][-1][1] if hist["nonfinite"]
-                              and hist["nonfinite"][-1][0] == step else None)
+                              and hist["nonfinite"][-1][0] == step else None,
+                              cdp.epsilon_spent if cdp and cdp.private else None)
             mine = {"inner": inner.state_dict(), "data": batches.state(), "rng": torch.get_rng_state(),
                     "bytes": int(sent), "nonfinite": hist["nonfinite"]}
             with _peers(rank, f"the checkpoint gather of outer step {step}", cfg.timeout):
@@ -236,6 +248,7 @@ def train_rank(job: TrainJob, *, rank: int, world: int, device=None) -> RunRecor
                 if path:
                     checkpoint.save(path, {"config": cfg.to_dict(), "step": step, "global": w,
                                            "outer": outer.state_dict() if diloco else None,
+                                           "dp": cdp.state_dict() if cdp is not None else None,
                                            "ranks": ranks, "history": hist})
     finally:
         if bar is not None:
@@ -250,7 +263,7 @@ def train_rank(job: TrainJob, *, rank: int, world: int, device=None) -> RunRecor
             raise RuntimeError(f"rank {r} saw non-finite participants {doc['nonfinite']}, rank 0 {hist['nonfinite']}")
     return RunRecord(cfg.to_dict(), hist["loss"], hist["accuracy"], hist.get("initial_loss", float("nan")),
                      [int(doc["bytes"]) for doc in final], hist["seconds"], byzantine, hist["nonfinite"],
-                     hist["rejected"], hist["nonfinite_steps"])
+                     hist["rejected"], hist["nonfinite_steps"], cdp.summary() if cdp is not None else None)
 
 
 def _set_grads(grads: list[torch.Tensor], flat: torch.Tensor) -> None:
@@ -294,8 +307,8 @@ class _Bar:
     def inner(self, loss: float) -> None:
         self.progress.update(self.task, advance=1, m=f"train {loss:.3f}{self.held}")
 
-    def outer(self, step: int, loss: float, nonfinite) -> None:
-        self.held = f" held-out {loss:.3f} (outer {step})"
+    def outer(self, step: int, loss: float, nonfinite, epsilon: float | None) -> None:
+        self.held = f" held-out {loss:.3f} (outer {step})" + ("" if epsilon is None else f" epsilon {epsilon:.3g}")
         if nonfinite:
             self.progress.console.print(f"outer step {step}: non-finite pseudo-gradient from participant(s) {nonfinite}")
 
