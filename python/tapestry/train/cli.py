@@ -171,7 +171,7 @@ def _mib(b: int) -> str:
 
 
 def markdown(runs: list[SimpleNamespace]) -> str:
-    from ..federated.cli import summary_markdown
+    from ..federated.report import summary_markdown
 
     lines = [summary_markdown(runs, "loss", label=_label), "",
              "| run | attack | Byzantine ranks | final held-out loss | MiB sent per participant | seconds | inner steps |",
@@ -189,7 +189,7 @@ def markdown(runs: list[SimpleNamespace]) -> str:
 
 
 def write_results(out: str, records: list, command: list[str]) -> None:
-    from ..federated.cli import plot
+    from ..federated.report import plot
 
     path = os.path.join(out, "results.json")
     runs = []
