@@ -266,6 +266,9 @@ def run(args) -> int:
         for i in range(first.rounds):
             table.add_row(str(i + 1), *(fmt(metric, (r.accuracy if metric == "accuracy" else r.loss)[i]) for r in runs))
         stdout.print(table)
+    elif not args.quiet:
+        print(f"(no per-round table for {len(runs)} runs: " + ("results.json has them)" if out else "--out DIR keeps them)"),
+              file=sys.stderr)
     md = summary_markdown(runs, metric)
     seconds = sum(r.seconds for r in runs)
     details = (f"{first.task}, {first.clients} clients ({first.per_round} per round), {first.rounds} rounds, "
