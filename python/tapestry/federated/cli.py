@@ -2,18 +2,20 @@
 
     tapestry simulate --compare mean,trimmed_mean,median,krum,bulyan --attack signflip \\
                       --byzantine 0.2 --out out/demo
+    tapestry simulate --compare all --attack all --alpha 1,100 --out out/robustness   # the benchmark
 
-Every (rule, attack) pair is checked before the first round (names, the rule's tolerance of the
-Byzantine fraction, the output directory); then each run shows a progress bar, and at the end a
+Every (rule, attack, alpha) run is checked before the first round (names, the rule's tolerance of
+the Byzantine fraction, the output directory); then each run shows a progress bar, and at the end a
 per-round table and a summary table are printed, and ``--out DIR`` receives ``results.json``,
-``results.md`` (the summary as a markdown table) and ``accuracy.png`` (``loss.png`` for charlm).
+``results.md`` (the summary as markdown, one table per alpha) and ``accuracy.png`` (``loss.png``
+for charlm), plus ``heatmap.png`` when there is more than one rule and attack. ``all`` is defined
+in :mod:`.grid`; the tables and figures are drawn by :mod:`.report`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -33,21 +35,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from .loop import Config
     from .tasks import TASKS
 
+    from .grid import BENCHMARK_ROUNDS, NOT_IN_LOOP, all_rules
+
     d = Config()
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = ("attacks (with --byzantine): " + ", ".join(ATTACKS) + "\nattack strengths: " + "; ".join(
         f"--{a.name}-{a.param} (default {'auto' if a.default is None else a.default})"
-        for a in ATTACKS.values() if a.param))
+        for a in ATTACKS.values() if a.param)
+        + "\n--compare all: " + ", ".join(all_rules()) + "; a rule the run's sizes cannot take is skipped, with a note"
+        + "\nnot run by the loop: " + "; ".join(f"{name} ({why})" for name, why in NOT_IN_LOOP.items())
+        + "; the pre-aggregator clipping (it needs its threshold c)")
     g = parser.add_argument_group("what to run")
     g.add_argument("--task", default=d.task, help=f"{', '.join(TASKS)} (default {d.task})")
     rules = g.add_mutually_exclusive_group()
     rules.add_argument("--rule", default=None, help="one aggregation rule (default mean)")
     rules.add_argument("--compare", default=None, metavar="RULES",
-                       help="comma-separated rules to compare, e.g. mean,trimmed_mean,median,krum,bulyan")
+                       help="comma-separated rules to compare, e.g. mean,trimmed_mean,median,krum,bulyan, or "
+                            "all: every rule the loop runs, and NNM, Bucketing, ARC in front of four (listed below)")
     g.add_argument("--attack", default="none", metavar="ATTACKS",
-                   help="attack, or comma-separated attacks to run each rule under (default none)")
+                   help="attack, or comma-separated attacks to run each rule under, or all: none (the clean "
+                        "baseline) and every attack (default none)")
     g.add_argument("--byzantine", type=float_in(0, 1, hi_open=True), default=None,
-                   help="fraction of clients that are Byzantine (default 0.2 with an attack, else 0)")
+                   help="fraction of clients that are Byzantine (default 0.2 with an attack, else 0; with --attack "
+                        "all 0.2 in every row, so that the clean row runs the rules at the same f)")
     g.add_argument("--f", type=int_in(0, MAX_CLIENTS), default=None,
                    help="f handed to the rules (default: ceil(byzantine x answering clients per round))")
     g.add_argument("--codec", default=None, help="compress client deltas with this tapestry.compression codec "
@@ -57,12 +67,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default=None, metavar="DIR", help="write results.json, results.md and a plot here")
     t = parser.add_argument_group("training")
     t.add_argument("--clients", type=int_in(1, MAX_CLIENTS), default=d.clients, help=f"(default {d.clients})")
-    t.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), default=d.rounds, help=f"(default {d.rounds})")
+    t.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), default=None,
+                   help=f"(default {d.rounds}; {BENCHMARK_ROUNDS} with --compare all, to keep the grid short)")
     t.add_argument("--sample", type=float_in(0, 1, lo_open=True), default=d.sample, help=f"fraction of clients per round (default {d.sample})")
     t.add_argument("--dropout", type=float_in(0, 1, hi_open=True), default=d.dropout,
                    help=f"fraction of each round's clients that never answer (default {d.dropout})")
-    t.add_argument("--alpha", type=float_in(0, float("inf"), lo_open=True), default=d.alpha,
-                   help=f"Dirichlet concentration of the non-IID split, inf for IID (default {d.alpha})")
+    t.add_argument("--alpha", type=_alphas, default=[d.alpha], metavar="A[,A...]",
+                   help=f"Dirichlet concentration of the non-IID split, inf for IID (default {d.alpha:g}); a list "
+                        f"(1,100) runs everything at each")
     t.add_argument("--local-steps", type=int_in(1, MAX_STEPS), default=d.local_steps, help=f"(default {d.local_steps})")
     t.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=d.batch_size, help=f"(default {d.batch_size})")
     t.add_argument("--lr", type=float_in(0, 1e3, lo_open=True), default=d.lr, help=f"client learning rate (default {d.lr}, cosine decay)")
@@ -83,6 +95,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _dp_arguments(parser, d)
     o = parser.add_argument_group("output")
     o.add_argument("--quiet", action="store_true", help="no progress bar and no per-round table")
+
+
+def _alphas(text: str) -> list[float]:
+    one = float_in(0, float("inf"), lo_open=True)
+    values = []
+    for a in text.split(","):
+        value = one(a)
+        if value in values:
+            raise argparse.ArgumentTypeError(f"{a.strip()} is given twice in {text!r}")
+        values.append(value)
+    return values
 
 
 def _dp_arguments(parser, d) -> None:
@@ -138,87 +161,57 @@ def _check_out(path: str) -> str:
     return path
 
 
-def _configs(args) -> list:
+def _configs(args) -> tuple[list, list[str]]:
+    """Every run of the command, validated, and the notes on runs that ``all`` skipped."""
     from .attacks import get_attack
-    from .loop import Config, validate
+    from .grid import BENCHMARK_ROUNDS, SLOW, SLOW_WHY, all_attacks, all_rules, names
+    from .loop import Config, build_rule, validate
 
-    rules = [r.strip() for r in (args.compare or args.rule or "mean").split(",") if r.strip()]
-    attacks = [a.strip() for a in args.attack.split(",") if a.strip()]
-    if not rules:
-        raise ValueError("--compare: no rule given")
-    if not attacks:
-        raise ValueError("--attack: no attack given")
-    configs = []
-    for attack in attacks:
-        att = get_attack(attack)
-        byz = args.byzantine if args.byzantine is not None else (0.0 if attack == "none" else 0.2)
-        strength = getattr(args, f"{att.name}_{att.param}".replace("-", "_"), None) if att.param else None
-        for rule, eps in [(r, e) for r in rules for e in _epsilons(args)]:
-            cfg = Config(task=args.task, rule=rule, attack=attack, byzantine=byz, clients=args.clients,
-                         sample=args.sample, rounds=args.rounds, local_steps=args.local_steps,
-                         batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, dropout=args.dropout, f=args.f,
-                         strength=strength, tau=args.tau, codec=args.codec, secure=args.secure, seed=args.seed,
-                         server_opt=args.server_opt, server_lr=args.server_lr, server_momentum=args.server_momentum,
-                         server_beta1=args.server_beta1, server_beta2=args.server_beta2, server_tau=args.server_tau,
-                         **_dp_settings(args, eps))
-            validate(cfg)
-            configs.append(cfg)
-    return configs
-
-
-def _fmt(metric: str, value: float) -> str:
-    if math.isnan(value):
-        return "nan"
-    return f"{100 * value:.1f}" if metric == "accuracy" else f"{value:.3f}"
-
-
-def summary_markdown(runs, metric: str, label=lambda r: r.rule) -> str:
-    """Final metric per (attack row, rule column), as a markdown table (``label(run)``: its column)."""
-    rules = list(dict.fromkeys(label(r) for r in runs))
-    attacks = list(dict.fromkeys(r.attack for r in runs))
-    cell = {(r.attack, label(r)): r for r in runs}
-    head = "final test accuracy (%)" if metric == "accuracy" else "final held-out loss (nats/char)"
-    lines = [f"| attack \\ rule ({head}) | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
-    for attack in attacks:
-        vals = []
-        for rule in rules:
-            r = cell.get((attack, rule))
-            vals.append("" if r is None else _fmt(metric, r.accuracy[-1] if metric == "accuracy" else r.loss[-1]))
-        lines.append(f"| {attack} | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
+    rules, every_rule = names(args.compare or args.rule or "mean", "--compare", all_rules())
+    attacks, every_attack = names(args.attack, "--attack", all_attacks())
+    for attack in attacks:  # unknown names are errors even in a grid that skips what its sizes cannot run
+        get_attack(attack)
+    for rule in rules:
+        build_rule(Config(rule=rule))
+    rounds = args.rounds or (BENCHMARK_ROUNDS if every_rule else Config.rounds)
+    if len(args.alpha) > 1 and args.task != "digits":
+        raise ValueError(f"--alpha with several values needs --task digits ({args.task} is split by source file)")
+    configs, skipped = [], {}
+    for alpha in args.alpha:
+        for attack in attacks:
+            att = get_attack(attack)
+            byz = args.byzantine if args.byzantine is not None else (0.0 if attack == "none" and not every_attack else 0.2)
+            strength = getattr(args, f"{att.name}_{att.param}".replace("-", "_"), None) if att.param else None
+            for rule, eps in [(r, e) for r in rules for e in _epsilons(args)]:
+                if (every_rule or every_attack) and (rule, attack) in SLOW:
+                    which = skipped.setdefault(f"left out for time: {SLOW_WHY}", ({}, {}))
+                    which[0][rule] = which[1][attack] = None
+                    continue
+                cfg = Config(task=args.task, rule=rule, attack=attack, byzantine=byz, clients=args.clients,
+                             sample=args.sample, rounds=rounds, local_steps=args.local_steps,
+                             batch_size=args.batch_size, lr=args.lr, alpha=alpha, dropout=args.dropout, f=args.f,
+                             strength=strength, tau=args.tau, codec=args.codec, secure=args.secure, seed=args.seed,
+                             server_opt=args.server_opt, server_lr=args.server_lr,
+                             server_momentum=args.server_momentum, server_beta1=args.server_beta1,
+                             server_beta2=args.server_beta2, server_tau=args.server_tau, **_dp_settings(args, eps))
+                try:
+                    validate(cfg)
+                except ValueError as exc:
+                    if not (every_rule or every_attack):
+                        raise
+                    which = skipped.setdefault(str(exc), ({}, {}))  # one note per reason
+                    which[0][rule] = which[1][attack] = None
+                    continue
+                configs.append(cfg)
+    notes = [f"skipped {', '.join(r)} under {'every attack' if len(a) == len(attacks) else ', '.join(a)}: {why}"
+             for why, (r, a) in skipped.items()]
+    if not configs:
+        raise ValueError("no run of the grid can take these settings: " + "; ".join(notes))
+    return configs, notes
 
 
-def plot(runs, metric: str, path: str, label=lambda r: r.rule, xlabel: str = "round", ylim=None) -> None:
-    """One panel per attack, one line per run (``label(run)``); ``ylim``: (bottom, top) of every panel."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    attacks = list(dict.fromkeys(r.attack for r in runs))
-    cols = min(3, len(attacks))
-    rows = math.ceil(len(attacks) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False, sharey=True)
-    for ax in axes.flat[len(attacks):]:
-        ax.set_visible(False)
-    for ax, attack in zip(axes.flat, attacks):
-        for r in (r for r in runs if r.attack == attack):
-            ys = r.accuracy if metric == "accuracy" else r.loss
-            ax.plot(range(1, len(ys) + 1), [100 * y if metric == "accuracy" else y for y in ys], label=label(r))
-        byz = next(r for r in runs if r.attack == attack).config["byzantine"]
-        ax.set_title(f"attack: {attack}" + (f" ({100 * byz:.0f}% Byzantine)" if byz else ""))
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("test accuracy (%)" if metric == "accuracy" else "held-out loss (nats/char)")
-    if ylim is not None:
-        axes.flat[0].set_ylim(*ylim)
-    panels = [[label(r) for r in runs if r.attack == attack] for attack in attacks]
-    for ax, names in zip(axes.flat, panels):
-        if ax is axes.flat[0] or names != panels[0]:  # one legend, unless the panels' lines differ
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+# More runs than this: one progress bar for the whole grid, and no per-round table (results.json has it).
+MANY_RUNS = 12
 
 
 def run(args) -> int:
@@ -227,6 +220,7 @@ def run(args) -> int:
     from rich.table import Table
 
     from .loop import simulate
+    from .report import fmt, heatmap, plot, summary_markdown, wants_heatmap
     from .tasks import load_task
 
     needed = {"matplotlib": "pip install 'matplotlib>=3.7'"} if args.out else {}
@@ -234,41 +228,58 @@ def run(args) -> int:
         needed["sklearn"] = "pip install 'scikit-learn>=1.3'"
     require_modules(needed, f"tapestry simulate --task {args.task}" + (" --out" if args.out else ""))
     out = _check_out(args.out) if args.out else None
-    configs = _configs(args)  # every run validated before the first round
+    configs, skipped = _configs(args)  # every run validated before the first round
+    for note in skipped:
+        print(note, file=sys.stderr)
     first = configs[0]
-    task = load_task(first.task, first.clients, first.alpha, first.seed)
+    tasks = {a: load_task(first.task, first.clients, a, first.seed) for a in args.alpha}
+    metric = tasks[first.alpha].metric
+    many = len(configs) > MANY_RUNS
+    several = len(args.alpha) > 1
     console = Console(stderr=True)
     runs = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[m]}"),
                   TimeElapsedColumn(), console=console, disable=args.quiet) as progress:
+        grid = progress.add_task("runs", total=len(configs), m="") if many else None
         for cfg in configs:
-            label = f"{cfg.rule:>16} / {cfg.attack:<9}"
-            bar = progress.add_task(label, total=cfg.rounds, m="")
+            label = f"{cfg.rule:>16} / {cfg.attack:<9}" + (f" / alpha {cfg.alpha:g}" if several else "")
+            if many:
+                progress.update(grid, description=label)
+            bar = grid if many else progress.add_task(label, total=cfg.rounds, m="")
 
             def tick(rnd, metrics, bar=bar):
-                shown = f"acc {100 * metrics['accuracy']:.1f}%" if task.metric == "accuracy" else f"loss {metrics['loss']:.3f}"
-                progress.update(bar, completed=rnd, m=shown)
+                shown = f"acc {100 * metrics['accuracy']:.1f}%" if metric == "accuracy" else f"loss {metrics['loss']:.3f}"
+                progress.update(bar, m=shown, completed=None if many else rnd)  # None: the grid bar counts runs
 
-            runs.append(simulate(cfg, task=task, on_round=tick))
+            runs.append(simulate(cfg, task=tasks[cfg.alpha], on_round=tick))
+            if many:
+                progress.advance(grid)
             if cfg.dp:  # one column per epsilon
                 runs[-1].rule = f"{cfg.rule} dp-{cfg.dp} eps={cfg.dp_epsilon:g}"
-    metric = task.metric
     stdout = Console()
-    if not args.quiet:
+    if not args.quiet and not many:
         table = Table(title=f"{first.task}: test {'accuracy (%)' if metric == 'accuracy' else 'loss'} per round")
         table.add_column("round", justify="right")
         for r in runs:
-            table.add_column(f"{r.rule}\n{r.attack}", justify="right")
+            table.add_column(f"{r.rule}\n{r.attack}" + (f"\nalpha {r.config['alpha']:g}" if several else ""),
+                             justify="right")
         for i in range(first.rounds):
-            table.add_row(str(i + 1), *(_fmt(metric, (r.accuracy if metric == "accuracy" else r.loss)[i]) for r in runs))
+            table.add_row(str(i + 1), *(fmt(metric, (r.accuracy if metric == "accuracy" else r.loss)[i]) for r in runs))
         stdout.print(table)
+    elif not args.quiet:
+        print(f"(no per-round table for {len(runs)} runs: " + ("results.json has them)" if out else "--out DIR keeps them)"),
+              file=sys.stderr)
     md = summary_markdown(runs, metric)
+    seconds = sum(r.seconds for r in runs)
     details = (f"{first.task}, {first.clients} clients ({first.per_round} per round), {first.rounds} rounds, "
-               + (f"Dirichlet alpha={first.alpha}, " if first.task == "digits" else "split by source file, ")
+               + (f"Dirichlet alpha={', '.join(str(a) for a in args.alpha)}, " if first.task == "digits"
+                  else "split by source file, ")
                + f"{100 * first.byzantine:.0f}% Byzantine, seed={first.seed}" + (f", codec {first.codec}" if first.codec else "")
                + (", secure sum" if first.secure else "")
                + (f", server optimizer {first.server_opt} {first.server_hparams or ''}".rstrip()
-                  if first.server_opt != "fedavg" or first.server_hparams else ""))
+                  if first.server_opt != "fedavg" or first.server_hparams else "")
+               + (f"; {len(runs)} runs, {seconds / 60:.1f} min of training" if many else "")
+               + "".join(f"\n{note}" for note in skipped))
     if first.dp:
         from ..privacy.report import epsilon_line
         details += f", {first.dp} DP (delta {first.dp_delta:g}, clip {first.dp_clip:g}, {first.dp_sampling} sampling, " \
@@ -282,8 +293,12 @@ def run(args) -> int:
         with open(os.path.join(out, "results.md"), "w") as fh:
             fh.write(md + "\n\n" + details + "\n")
         plot(runs, metric, os.path.join(out, f"{metric}.png"))
+        written = ["results.json", "results.md", f"{metric}.png"]
+        if wants_heatmap(runs):
+            heatmap(runs, metric, os.path.join(out, "heatmap.png"))
+            written.append("heatmap.png")
         if first.dp:
             from ..privacy.report import plot_epsilon
             plot_epsilon(runs, metric, os.path.join(out, "privacy.png"))
-        print(f"wrote {out}/results.json, results.md, {metric}.png", file=sys.stderr)
+        print(f"wrote {out}/{', '.join(written)}", file=sys.stderr)
     return 0

@@ -186,7 +186,7 @@ def _mib(b: int) -> str:
 
 
 def markdown(runs: list[SimpleNamespace]) -> str:
-    from ..federated.cli import summary_markdown
+    from ..federated.report import summary_markdown
     from ..privacy.report import epsilon_line
 
     lines = [summary_markdown(runs, "loss", label=_label), "",
@@ -208,7 +208,7 @@ def markdown(runs: list[SimpleNamespace]) -> str:
 
 
 def write_results(out: str, records: list, command: list[str]) -> None:
-    from ..federated.cli import plot
+    from ..federated.report import plot
 
     path = os.path.join(out, "results.json")
     runs = []
