@@ -132,3 +132,18 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
             assert torch.equal(got.view(torch.int32), want.view(torch.int32)), name
         else:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def _big_result(job, *, rank, world, device):
+    dist.barrier()
+    return bytes(range(256)) * (job // 256)  # rank 0's result crosses a pipe whose buffer is 64 KiB
+
+
+def test_spawn_returns_a_result_larger_than_the_pipe():
+    import datetime
+
+    from tapestry.distributed import launch
+
+    size = 8 << 20
+    out = launch.spawn(size, 2, "cpu", target=_big_result, timeout=datetime.timedelta(seconds=60))
+    assert len(out) == size and out[:3] == bytes([0, 1, 2])

@@ -79,13 +79,19 @@ def spawn(job: Job, nproc: int, device: str = "auto", *, target=run_job, timeout
     if isinstance(job, Job):
         job = dataclasses.replace(job, tmp=job.tmp or tmp_path_for(os.path.abspath(job.output)))
     procs = None
+    messages = []
+
+    def drain():  # read while waiting: a result larger than the pipe's buffer blocks its writer until read
+        while not queue.empty():
+            messages.append(queue.get())
+
     try:
         with terminate_raises():
             threads = max(1, torch.get_num_threads() // nproc)
             procs = mp.start_processes(_worker, args=(nproc, port, job, device, queue, threads, target, timeout), nprocs=nproc,
                                        join=False, start_method="spawn")
-            while not procs.join():
-                pass
+            while not procs.join(timeout=0.1):
+                drain()
     except mp.ProcessRaisedException:
         pass  # the worker's error is in the queue
     except mp.ProcessExitedException as exc:
@@ -100,9 +106,9 @@ def spawn(job: Job, nproc: int, device: str = "auto", *, target=run_job, timeout
                 p.kill()
         unlink(getattr(job, "tmp", None))
         raise
+    drain()
     result, errors = None, []
-    while not queue.empty():
-        kind, rank, payload = queue.get()
+    for kind, rank, payload in messages:
         if kind == "result":
             result = pickle.loads(payload)
         else:
