@@ -155,6 +155,15 @@ def test_calibration_meets_target_tightly():
     assert _theirs(z, 30, 500, 50, "poisson", "rdp", 1e-5) <= 4.0 < _theirs(z - 2e-3, 30, 500, 50, "poisson", "rdp", 1e-5)
 
 
+def test_pld_calibration_meets_target_in_bounded_memory():
+    """PLD calibration searches below RDP's answer (a PLD at noise 1e-3, the old bracket's end,
+    would take ~10^10 values); its noise is at most RDP's and meets the target."""
+    sch = Schedule(500, 50, 30, accountant="pld")
+    z = noise_for_epsilon(4.0, delta=1e-5, schedule=sch)
+    z_rdp = noise_for_epsilon(4.0, delta=1e-5, schedule=Schedule(500, 50, 30))
+    assert z <= z_rdp and _theirs(z, 30, 500, 50, "poisson", "pld", 1e-5) <= 4.0
+
+
 @pytest.mark.parametrize("call, err", [
     (lambda: epsilon(1.0, delta=0.0, rounds=1, population=10, per_round=1), "delta"),
     (lambda: epsilon(1.0, delta=1.5, rounds=1, population=10, per_round=1), "delta"),

@@ -1,7 +1,7 @@
 // The cache-blocked fast Walsh-Hadamard transform (privacy.h: dp_fwht, dp_apply_signs).
 //
 // Every path runs the stages h = 1, 2, 4, ... in ascending order with the same butterflies
-// (a + b, a - b) as python/tapestry/privacy/rotation.py's reference, so all give the same floats.
+// (a + b, a - b) as tapestry.reference.fwht (python/tapestry/reference.py), so all give the same floats.
 // Two passes over memory: pass 1 runs the stages h < kBlock inside each block of kBlock floats
 // (reading the source, writing the destination); pass 2 the stages h >= kBlock, on strips of kStrip
 // columns of the (n / kBlock) x kBlock matrix through an L2-resident buffer. The vector path keeps

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ACCOUNTANTS = ("rdp", "pld")
 # RDP orders: integers only (dp-accounting's fractional orders below 2 are slow and its series for
@@ -122,8 +122,14 @@ def _noise_for_epsilon(target_epsilon: float, delta: float, schedule: Schedule, 
         raise ValueError(f"epsilon {target_epsilon:g} at delta {delta:g} is unreachable for {schedule.rounds} rounds "
                          f"at sampling rate {schedule.rate:g}: even noise multiplier {max_noise:g} gives epsilon "
                          f"{eps_max:.4g} > {target_epsilon:g}")
+    lo, hi = 1e-3, max_noise
+    if schedule.accountant == "pld":
+        # A PLD at noise z spans privacy losses ~1/z^2 wide in 1e-4 steps: 10^10 values at z = 1e-3.
+        # RDP is looser, so its calibration is an upper bound for PLD's; search just below it.
+        hi = _noise_for_epsilon(target_epsilon, delta, replace(schedule, accountant="rdp"), max_noise)
+        lo = hi / 4
     z = dp.calibrate_dp_mechanism(schedule.fresh, schedule.event, target_epsilon, delta,
-                                  bracket_interval=dp.ExplicitBracketInterval(1e-3, max_noise), tol=1e-4)
+                                  bracket_interval=dp.ExplicitBracketInterval(lo, hi), tol=1e-4)
     # calibrate_dp_mechanism returns a value within tol of the optimum: step up until it holds
     while _fresh_eps(schedule, z, delta) > target_epsilon:
         z += 1e-4
