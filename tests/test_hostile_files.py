@@ -1,6 +1,7 @@
 """Hostile input files for `tapestry aggregate`: clean errors naming the file, bounded
 memory, no hangs, no signals, no temporary files left behind."""
 
+import io
 import json
 import os
 import signal
@@ -9,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -77,6 +80,46 @@ def test_zero_stride_pt_file_is_refused_within_memory(tmp_path):
                     f"'-o', {str(tmp_path / 'g.safetensors')!r}, '--no-progress'])")
     assert r["result"] == 2 and r["error"] is None
     assert r["growth"] <= 4 * os.path.getsize(pt) + 64 * MiB, r["growth"] / MiB
+
+
+def _pt_with(path, pickle=None, compress=zipfile.ZIP_STORED, extra=0) -> str:
+    """A torch.save archive with its data.pkl replaced by ``pickle``, stored with ``compress``,
+    plus ``extra`` empty entries."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(4)}, buf)
+    src = zipfile.ZipFile(buf)
+    with zipfile.ZipFile(path, "w") as zf:
+        for info in src.infolist():
+            is_pkl = info.filename.endswith("/data.pkl")
+            zf.writestr(info.filename, pickle if is_pkl and pickle is not None else src.read(info),
+                        compress_type=compress if is_pkl else zipfile.ZIP_STORED)
+        for i in range(extra):
+            zf.writestr(f"archive/x{i:x}", b"")
+    return str(path)
+
+
+LISTS = b"\x80\x02(" + b"]" * 2_000_000 + b"l."  # 2 MB of pickle that unpickles to ~130 MB of empty lists
+
+
+@pytest.mark.parametrize("case, why", [
+    ("deflated", "is compressed"),        # 3 KB on disk: torch.load would inflate and unpickle it all
+    ("stored", "may allocate more than"),
+    ("entries", "zip directory is"),      # 300,000 entries: zipfile keeps ~12 bytes per directory byte
+])
+def test_hostile_pt_archive_is_refused_within_memory(tmp_path, case, why):
+    path = _pt_with(tmp_path / "h.pt", pickle=LISTS if case != "entries" else None,
+                    compress=zipfile.ZIP_DEFLATED if case == "deflated" else zipfile.ZIP_STORED,
+                    extra=300_000 if case == "entries" else 0)
+    r = peak_growth("from tapestry.distributed.formats import open_input", f"result = len(open_input({path!r}).keys)")
+    assert r["growth"] <= 4 * os.path.getsize(path) + 64 * MiB, r["growth"] / MiB
+    assert r["error"] is not None and r["error"][0] == "InputError", r
+    assert "h.pt" in r["error"][1] and why in r["error"][1], r["error"]
+
+
+def test_pt_archive_with_a_small_pickle_still_opens(tmp_path):
+    path = _pt_with(tmp_path / "ok.pt", extra=10)  # extra entries alone are harmless
+    f = open_input(path)
+    assert [k.name for k in f.keys] == ["w"]
 
 
 def test_pt_inputs_are_read_by_offset(tmp_path):

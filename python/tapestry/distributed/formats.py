@@ -9,6 +9,9 @@ Inputs:
   stays mapped into the process (a memory map would count every touched page in its resident set).
 * ``.pt``/``.pth``: ``torch.load(weights_only=True, mmap=True)`` of a flat ``{name: tensor}`` mapping,
   only to learn where each (contiguous) tensor's bytes lie in the archive; then read like safetensors.
+  Before it runs, every archive entry must be stored uncompressed (as ``torch.save`` writes them)
+  and the pickle's opcodes are counted: what unpickling may allocate is bounded by the file's size
+  plus ``PICKLE_SLACK`` (a few KB of deflated or repetitive pickle could otherwise ask for GBs).
 * Tapestry compressed payloads (``tapestry.compression.encode`` bytes saved to a file): header and
   spec validated at open, values read with ``pread`` and decoded block by block
   (:class:`PayloadFile`), aggregated in float32 as ``tapestry.compression.aggregate`` does.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickletools
 import re
 import struct
 import zipfile
@@ -158,6 +162,15 @@ class SafetensorsFile(_TensorFile):
 
 
 _RECORD = re.compile(r"[^/]+/data/[^/]+")
+_PICKLE = re.compile(r"[^/]+/data\.pkl")
+# The most the weights-only unpickler allocates for one opcode (an empty dict or list object, a memo
+# entry, a pointer on the stack), besides the bytes a string argument copies; and the allowance
+# beyond the file's size for the objects of a .pt file's pickle.
+PICKLE_BYTES_PER_OP = 160
+PICKLE_SLACK = 32 << 20
+# zipfile keeps ~12 bytes per byte of central directory (a ZipInfo per >= 46-byte entry): at most
+# 4 MiB of it (some 60,000 entries; torch.save writes one per storage).
+MAX_ZIP_DIRECTORY = 4 << 20
 
 
 class TorchFile(_TensorFile):
@@ -177,17 +190,36 @@ class TorchFile(_TensorFile):
             self.close()
             raise
 
-    def _records(self, size: int) -> dict[int, tuple[int, int]]:
-        """Each stored data record's ``{data offset: (size, 0)}`` in the archive."""
+    def _records(self, size: int) -> dict[int, int]:
+        """Each data record's ``{data offset: size}`` in the archive, once every entry is known to be
+        stored uncompressed and the pickle to unpickle within the file's size + ``PICKLE_SLACK``."""
+        try:
+            with open(self.path, "rb") as fp:  # the directory size ZipFile is about to read (private helper)
+                end = zipfile._EndRecData(fp)
+        except OSError as exc:
+            self._fail(f"cannot read ({exc.strerror})")
+        if end is None:
+            self._fail("not a zip archive (no end-of-directory record)")
+        if end[zipfile._ECD_SIZE] > MAX_ZIP_DIRECTORY:
+            self._fail(f"its zip directory is {end[zipfile._ECD_SIZE]} bytes (at most {MAX_ZIP_DIRECTORY} for a .pt "
+                       "input); save the update as safetensors")
         try:
             with zipfile.ZipFile(self.path) as zf:
-                infos = [i for i in zf.infolist() if _RECORD.fullmatch(i.filename)]
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+                infos = zf.infolist()
+                packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+                pickles = [i for i in infos if _PICKLE.fullmatch(i.filename)]
+                pickle = zf.read(pickles[0]) if len(pickles) == 1 and not packed else b""
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
             self._fail(f"not a zip archive ({exc})")
+        if packed:
+            self._fail(f"entry {packed[0]!r} is compressed; torch.save stores every entry uncompressed")
+        if len(pickles) != 1:
+            self._fail(f"expected one <archive>/data.pkl entry, found {len(pickles)}")
+        self._check_pickle(pickle, size)
         records = {}
         for info in infos:
-            if info.compress_type != zipfile.ZIP_STORED:
-                self._fail(f"record {info.filename!r} is compressed; torch.save stores records uncompressed")
+            if not _RECORD.fullmatch(info.filename):
+                continue
             local = self.pread(30, info.header_offset, "a zip entry") if info.header_offset + 30 <= size else b""
             if len(local) < 30 or local[:4] != b"PK\x03\x04":
                 self._fail(f"record {info.filename!r}: bad local zip header")
@@ -198,6 +230,21 @@ class TorchFile(_TensorFile):
             if info.file_size:
                 records[start] = info.file_size
         return records
+
+    def _check_pickle(self, pickle: bytes, size: int) -> None:
+        """Refuse a pickle whose opcodes could allocate more than ``size + PICKLE_SLACK`` bytes."""
+        limit, cost = size + PICKLE_SLACK, 0
+        ops = pickletools.genops(pickle)
+        while cost <= limit:
+            try:
+                _, arg, _ = next(ops)
+            except StopIteration:
+                return
+            except (ValueError, EOFError) as exc:
+                self._fail(f"data.pkl is not a pickle ({exc})")
+            cost += PICKLE_BYTES_PER_OP + (len(arg) if isinstance(arg, (str, bytes)) else 0)
+        self._fail(f"its pickle (data.pkl, {len(pickle)} bytes) may allocate more than {limit >> 20} MiB (the "
+                   f"file's size + {PICKLE_SLACK >> 20} MiB) to unpickle; save the update as safetensors")
 
     def _parse(self, size: int) -> tuple[list[Key], dict[str, int]]:
         records = self._records(size)
