@@ -70,7 +70,7 @@ class TrainConfig:
 
     @property
     def label(self) -> str:
-        """A name unique to (mode, rule, attack, codec, epsilon): the checkpoint's file and the run's key."""
+        """A name unique to (mode, rule, attack, codec, DP mechanism and epsilon): the checkpoint's file and the run's key."""
         if self.mode == "dataparallel":
             return "dataparallel"
         dp = f"-{'d' if self.dp == 'distributed' else ''}dp{self.dp_epsilon:g}" if self.dp else ""
