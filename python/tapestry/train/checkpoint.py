@@ -2,7 +2,7 @@
 
 The file holds the configuration, the outer step reached, the global model, the outer optimizer's
 state, every participant's inner AdamW state, data position and RNG state (and, under ``--dp
-distributed``, its noise secret), and the history so far (losses, bytes, epsilon): everything a
+distributed``, its noise secret), the DP state (epsilon so far) and the history (losses, bytes): everything a
 ``--resume`` needs to continue bit for bit.
 """
 
