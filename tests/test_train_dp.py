@@ -224,7 +224,7 @@ def test_resume_with_other_outer_steps_is_refused_under_dp(spawned, capsys):
     (["--dp", "central", "--epsilon", "4", "--rule", "median"], "privatizes the mean (FedAvg), not rule 'median'"),
     (["--dp", "central", "--epsilon", "4", "--codec", "int8"], "--dp central cannot be combined with --codec int8"),
     (["--dp", "central", "--epsilon", "4", "--mode", "dataparallel"], "--mode dataparallel"),
-    (["--dp", "distributed", "--epsilon", "4"], "tapestry train has central DP only"),
+    (["--dp", "local", "--epsilon", "4"], "--dp 'local': tapestry train has --dp central or --dp distributed"),
     (["--dp", "central"], "--dp central needs --epsilon"),
 ])
 def test_bad_dp_settings_refused_before_spawning(tmp_path, capsys, argv, message):

@@ -155,13 +155,22 @@ def _seed(*parts) -> bytes:
 
 
 class DistributedDP:
-    """Client and server halves of the mechanism under ``plan``; ``seed`` is the run's seed."""
+    """Client and server halves of the mechanism under ``plan``; ``seed`` is the run's seed (the
+    rotation's, shared by all). ``secret``: the key of the clients' rounding and noise; None derives
+    it from ``seed`` (one process simulating every client); a client that is its own process (a
+    rank of ``tapestry train --dp distributed``) passes its own random bytes, so that no one else
+    can recompute, and subtract, its noise."""
 
-    def __init__(self, plan_: Plan, seed: int = 0):
-        self.plan, self.seed = plan_, seed
+    def __init__(self, plan_: Plan, seed: int = 0, secret: bytes | None = None):
+        if secret is not None and (not isinstance(secret, bytes) or len(secret) < 16):
+            raise ValueError("secret must be bytes of at least 16 (random) bytes, or None")
+        self.plan, self.seed, self.secret = plan_, seed, secret
 
     def rotation_seed(self, rnd: int) -> bytes:
         return _seed(self.seed, rnd, "rotation")
+
+    def _client_seed(self, rnd: int, client: int, purpose: str) -> bytes:
+        return _seed(self.seed if self.secret is None else self.secret, rnd, client, purpose)
 
     def encode(self, x: torch.Tensor, *, client: int, rnd: int, noise: bool = True, reference: bool = False,
                mask_seeds=(), mask_signs=()) -> np.ndarray:
@@ -200,9 +209,9 @@ class DistributedDP:
         out = torch.empty(p.D, dtype=torch.int32)
         work = torch.empty(p.D, dtype=torch.float32)
         signs = sign_words(self.rotation_seed(rnd), p.D)
-        rkey = _words(_seed(self.seed, rnd, client, "rounding"), 8, "key", "cpu")
+        rkey = _words(self._client_seed(rnd, client, "rounding"), 8, "key", "cpu")
         rnon = _words(NONCE_ROUND, 3, "nonce", "cpu")
-        nkey = _words(_seed(self.seed, rnd, client, "noise"), 8, "key", "cpu")
+        nkey = _words(self._client_seed(rnd, client, "noise"), 8, "key", "cpu")
         sk = p.mechanism == "skellam"
         q8 = quantize(p.local_var / 2 if sk else p.local_var, "local noise variance", 2.0 ** 40)
         purpose = int.from_bytes(PURPOSE_SK if sk else PURPOSE_DG, "little")
@@ -220,7 +229,7 @@ class DistributedDP:
     def round(self, y: torch.Tensor, *, client: int, rnd: int) -> torch.Tensor:
         """Stochastic rounding, redrawn until ``||q||_2 <= Delta_2`` (conditional rounding)."""
         p = self.plan
-        key = _seed(self.seed, rnd, client, "rounding")
+        key = self._client_seed(rnd, client, "rounding")
         lo = torch.floor(y)
         frac = (y - lo).numpy()
         for attempt in range(MAX_ROUNDING_TRIES):
@@ -233,7 +242,7 @@ class DistributedDP:
 
     def noise(self, *, client: int, rnd: int) -> torch.Tensor:
         p = self.plan
-        key = _seed(self.seed, rnd, client, "noise")
+        key = self._client_seed(rnd, client, "noise")
         if p.mechanism == "dgauss":
             return sample_discrete_gaussian(p.local_var, p.D, seed=key)
         return sample_skellam(p.local_var / 2, p.D, seed=key)

@@ -5,6 +5,8 @@
 * :class:`Client`, :class:`Server`: the protocol as message-passing state machines (bytes in,
   bytes out), Bonawitz et al. 2017 double masking with the SecAgg+ neighbour graph option.
 * :func:`simulate_round`: a whole round in-process; :func:`secure_sum` for the training loop.
+* :class:`.ranks.MaskedSum`: the pairwise-masked sum over torch.distributed ranks, every rank
+  alive (``tapestry train --dp distributed``).
 """
 
 from .crypto import ProtocolError

@@ -1,8 +1,9 @@
 """Checkpoints: one file per run, written by rank 0 after every outer step, atomically.
 
 The file holds the configuration, the outer step reached, the global model, the outer optimizer's
-state, every participant's inner AdamW state, data position and RNG state, and the history so far
-(losses, bytes): everything a ``--resume`` needs to continue bit for bit.
+state, every participant's inner AdamW state, data position and RNG state (and, under ``--dp
+distributed``, its noise secret), the DP state (epsilon so far) and the history (losses, bytes): everything a
+``--resume`` needs to continue bit for bit.
 """
 
 from __future__ import annotations

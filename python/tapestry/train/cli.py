@@ -2,6 +2,7 @@
 
     tapestry train --participants 4 --inner-steps 25 --rule trimmed_mean --f 1 --codec int8 --out out/train
     tapestry train --participants 4 --dp central --epsilon 4,16,inf --delta 1e-5 --dp-clip 0.5 --out out/dp
+    tapestry train --participants 4 --dp distributed --epsilon 8,inf --delta 1e-5 --dp-clip 1 --out out/ddp
     torchrun --nproc-per-node 4 -m tapestry train --participants 4 ...
 
 Every run (``--rule`` x ``--attack``, comma-separated) is checked before any process starts (names,
@@ -86,17 +87,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--heads", type=int, default=d.heads, help=f"(default {d.heads})")
     m.add_argument("--files", type=int, default=d.files, help=f"standard-library files per participant (default {d.files})")
     m.add_argument("--chars-per-file", type=int, default=d.chars_per_file, help=f"(default {d.chars_per_file})")
-    p = parser.add_argument_group("differential privacy (docs/privacy.md; rule mean)")
-    p.add_argument("--dp", default=None, metavar="central",
+    p = parser.add_argument_group("differential privacy on the outer step (docs/privacy.md; rule mean, no --codec)")
+    p.add_argument("--dp", default=None, metavar="central|distributed",
                    help="central: each pseudo-gradient clipped to --dp-clip by its whole L2 norm, Gaussian noise "
-                        "on the sum, epsilon accounted after every outer step")
+                        "on the sum (the ranks see each other's updates); distributed: each rank clips, rotates, "
+                        "rounds and adds its own share of discrete noise, masked (X25519 pairwise masks) so that "
+                        "the ranks see only the noised sum. Epsilon accounted after every outer step")
     p.add_argument("--epsilon", default=None, metavar="E[,E...]",
-                   help="privacy budget of the whole run at --delta; a list runs each; inf is the non-private run")
+                   help="privacy budget of the whole run at --delta; a list runs each; inf is the non-private run "
+                        "(exactly the run without --dp, for both mechanisms)")
     p.add_argument("--delta", type=_float, default=d.dp_delta, help=f"(default {d.dp_delta}; below 1/participants)")
     p.add_argument("--dp-clip", type=_float, default=d.dp_clip,
                    help=f"L2 clip of each pseudo-gradient (default {d.dp_clip})")
     p.add_argument("--dp-adaptive", action="store_true",
-                   help="adapt the clip toward the median norm (Andrew et al. 2021)")
+                   help="central: adapt the clip toward the median norm (Andrew et al. 2021)")
+    p.add_argument("--dp-bits", type=int, default=d.dp_bits,
+                   help=f"distributed: the ring Z_2^b of the masked sum, 2..32 (default {d.dp_bits})")
+    p.add_argument("--dp-mechanism", default=d.dp_mechanism, choices=["dgauss", "skellam"],
+                   help=f"distributed: discrete Gaussian or Skellam noise shares (default {d.dp_mechanism})")
 
 
 def configs_from(args) -> list:
@@ -124,7 +132,8 @@ def configs_from(args) -> list:
                 weight_decay=args.weight_decay, clip=args.clip, batch_size=args.batch_size, context=args.context,
                 width=args.width, layers=args.layers, heads=args.heads, files=args.files,
                 chars_per_file=args.chars_per_file, seed=args.seed, timeout=args.timeout, dp=args.dp,
-                dp_epsilon=eps, dp_delta=args.delta, dp_clip=args.dp_clip, dp_adaptive=args.dp_adaptive)
+                dp_epsilon=eps, dp_delta=args.delta, dp_clip=args.dp_clip, dp_adaptive=args.dp_adaptive,
+                dp_bits=args.dp_bits, dp_mechanism=args.dp_mechanism)
             validate(cfg)
             out.append(cfg)
     labels = [c.label for c in out]
@@ -171,7 +180,9 @@ def _label(r) -> str:
     if r.mode == "dataparallel":
         return "data-parallel"
     name = r.rule if r.codec == "float32" else f"{r.rule} ({r.codec})"
-    return f"{name} dp eps={float(r.config['dp_epsilon']):g}" if r.config.get("dp") else name
+    if not r.config.get("dp"):
+        return name
+    return f"{name} {'distributed ' if r.config['dp'] == 'distributed' else ''}dp eps={float(r.config['dp_epsilon']):g}"
 
 
 def _ns(doc: dict) -> SimpleNamespace:

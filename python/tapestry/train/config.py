@@ -49,12 +49,15 @@ class TrainConfig:
     chars_per_file: int = 40_000
     seed: int = 0
     timeout: float = 60.0            # seconds any collective waits for a peer
-    # central differential privacy (train/dp.py, docs/privacy.md; rule mean only)
-    dp: str | None = None            # "central": clipped pseudo-gradients, Gaussian noise on their sum
+    # differential privacy on the outer step (train/dp.py, docs/privacy.md; rule mean only)
+    dp: str | None = None            # "central": clipped pseudo-gradients, Gaussian noise on their sum;
+                                     # "distributed": each rank's noise share inside a masked ring sum
     dp_epsilon: float | None = None  # epsilon of the whole run at dp_delta (inf: the non-private run)
     dp_delta: float = 1e-5
     dp_clip: float = 1.0             # L2 clip of each pseudo-gradient (adaptive: the initial clip)
     dp_adaptive: bool = False        # adapt the clip toward the median norm (Andrew et al. 2021)
+    dp_bits: int = 20                # distributed: the ring Z_2^b
+    dp_mechanism: str = "dgauss"     # distributed: "dgauss" | "skellam"
 
     # -- derived ----------------------------------------------------------------------------------
     @property
@@ -67,10 +70,10 @@ class TrainConfig:
 
     @property
     def label(self) -> str:
-        """A name unique to (mode, rule, attack, codec, epsilon): the checkpoint's file and the run's key."""
+        """A name unique to (mode, rule, attack, codec, DP mechanism and epsilon): the checkpoint's file and the run's key."""
         if self.mode == "dataparallel":
             return "dataparallel"
-        dp = f"-dp{self.dp_epsilon:g}" if self.dp else ""
+        dp = f"-{'d' if self.dp == 'distributed' else ''}dp{self.dp_epsilon:g}" if self.dp else ""
         return f"diloco-{self.rule}-{self.codec or 'float32'}-{self.attack}{dp}"
 
     @property

@@ -14,7 +14,8 @@ DiLoCo (Douillard et al. 2023), one outer step:
 5. rank 0 scores the global model on held-out files and writes the checkpoint (every rank's
    inner-optimizer state, data position and RNG state gathered to it).
 
-With ``--dp central`` step 3 is the clipped sum and the noise is added after it (:mod:`.dp`).
+With ``--dp central`` step 3 is the clipped sum and the noise is added after it; with ``--dp
+distributed`` it is a masked sum of every rank's noised integer encoding (:mod:`.dp`).
 
 ``mode="dataparallel"``: the gradients are averaged over the ranks after every inner step (one
 gloo all-reduce) and there is no outer step; its bytes follow the ring all-reduce model
@@ -156,7 +157,7 @@ def train_rank(job: TrainJob, *, rank: int, world: int, device=None) -> RunRecor
     batches = Batches(shards[rank], cfg.context, cfg.batch_size, cfg.seed, rank)
     outer = server_optimizer(cfg.outer, w, **cfg.outer_hparams) if diloco else None
     rule = build_rule(cfg) if diloco else None
-    cdp = dp.central(cfg)   # None without --dp
+    cdp = dp.mechanism(cfg, d)   # CentralDP, DistributedOuter, or None without --dp
     attack = get_attack(cfg.attack)
     strength = attack.default if cfg.strength is None else cfg.strength
     byzantine = sorted(torch.randperm(world, generator=_gen(cfg.seed, 1))[:cfg.n_byzantine].tolist())
@@ -178,6 +179,7 @@ def train_rank(job: TrainJob, *, rank: int, world: int, device=None) -> RunRecor
         start_step = int(doc["step"])
         if cdp is not None:
             cdp.load_state_dict(doc["dp"])
+            dp.load_rank_state(cdp, mine)
     _set_params(model, w)
     if start_step == 0 and rank == 0:
         model.eval()
@@ -239,7 +241,7 @@ def train_rank(job: TrainJob, *, rank: int, world: int, device=None) -> RunRecor
                               and hist["nonfinite"][-1][0] == step else None,
                               cdp.epsilon_spent if cdp and cdp.private else None)
             mine = {"inner": inner.state_dict(), "data": batches.state(), "rng": torch.get_rng_state(),
-                    "bytes": int(sent), "nonfinite": hist["nonfinite"]}
+                    "bytes": int(sent), "nonfinite": hist["nonfinite"], **(dp.rank_state(cdp) if path else {})}
             with _peers(rank, f"the checkpoint gather of outer step {step}", cfg.timeout):
                 ranks = _gather(mine, rank, world)
             if rank == 0:
