@@ -176,10 +176,13 @@ def test_triton_fused_ops_match_the_reference_bit_for_bit(codec, sizes):
             ops.call("coord_median_encoded", [q[:0] for q in qs], ss, codec, block, d, device="cpu")
 
 
-def test_fused_select_kernels_check_their_inputs():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_fused_select_kernels_check_their_inputs(backend):
+    if ops.unavailable_reason(backend):
+        pytest.skip(ops.unavailable_reason(backend))
     qs, ss = _encoded_rows(3, 100, "int8", 10)
     call = lambda *a: ops.call("trimmed_mean_encoded", *a, device="cpu")
-    with ops.backend("cpu"):
+    with ops.backend(backend):
         with pytest.raises(ValueError, match="row 2 needs 100 contiguous 1-byte int8 values"):
             call(qs[:2] + [qs[2][:99]], ss, "int8", 10, 100, 1)
         with pytest.raises(ValueError, match="row 1 needs 10 contiguous float32 scales"):

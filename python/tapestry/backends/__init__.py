@@ -26,6 +26,13 @@ def no_kernel_for(op: str, args: tuple) -> str | None:
 ROW_CODECS = ("int8", "int4", "fp16", "bf16")  # what the fused *_encoded ops decode
 
 
+def check_trim(n: int, f: int) -> None:
+    """The trimmed mean's own condition, checked by the kernels' entry points (the fused ops are
+    called directly by the compression path, not through a rule)."""
+    if not 0 <= 2 * f < n:
+        raise ValueError(f"trimmed_mean needs 0 <= 2f < n, got n={n}, f={f}")
+
+
 def check_encoded(op: str, qs: list, scales: list, codec: str, block: int, d: int, device: torch.device) -> None:
     """Refuse payload rows that do not hold ``d`` values of ``codec`` (and, for int8/int4, their
     scales) as contiguous tensors on ``device``: what a kernel reading them by pointer assumes."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from . import check_encoded, no_kernel_for
+from . import check_encoded, check_trim, no_kernel_for
 
 # dtype codes shared with csrc/common.h
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -69,8 +69,7 @@ def _weights(w, n: int) -> torch.Tensor:
 def trimmed_mean(X: torch.Tensor, f: int) -> torch.Tensor:
     X, stride, code = _matrix(X, "trimmed_mean")
     n, d = X.shape
-    if not 0 <= 2 * f < n:
-        raise ValueError(f"trimmed_mean needs 0 <= 2f < n, got n={n}, f={f}")
+    check_trim(n, f)
     out = torch.empty(d, dtype=torch.float32)
     _C().trimmed_mean(X.data_ptr(), n, d, stride, code, int(f), out.data_ptr())
     return out
@@ -143,8 +142,7 @@ def gram_encoded(qs: list, scales: list, codec: str, block: int, d: int) -> torc
 
 def trimmed_mean_encoded(qs: list, scales: list, codec: str, block: int, d: int, f: int) -> torch.Tensor:
     cp, sp, c = _encoded_rows("trimmed_mean_encoded", qs, scales, codec, block, d)
-    if not 0 <= 2 * f < len(qs):
-        raise ValueError(f"trimmed_mean needs 0 <= 2f < n, got n={len(qs)}, f={f}")
+    check_trim(len(qs), f)
     out = torch.empty(d, dtype=torch.float32)
     _C().trimmed_mean_encoded(cp, sp, c, block, d, int(f), out.data_ptr())
     return out

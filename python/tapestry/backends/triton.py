@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from . import check_encoded, no_kernel_for
+from . import check_encoded, check_trim, no_kernel_for
 
 
 def _interpret() -> bool:
@@ -101,8 +101,7 @@ def gram_encoded(qs: list, scales: list, codec: str, block: int, d: int) -> torc
 
 
 def trimmed_mean_encoded(qs: list, scales: list, codec: str, block: int, d: int, f: int) -> torch.Tensor:
-    if not 0 <= 2 * f < len(qs):
-        raise ValueError(f"trimmed_mean needs 0 <= 2f < n, got n={len(qs)}, f={f}")
+    check_trim(len(qs), f)
     return trimmed_mean(_stacked("trimmed_mean_encoded", qs, scales, codec, block, d), f)
 
 
