@@ -136,23 +136,30 @@ TAPESTRY_INLINE void select_tile(const SelectJob& J, int64_t j0, void* scratch, 
     // does. A value equal to the median is at distance 0 (an infinite one too: inf - inf is NaN);
     // NaN distances compare false, so NaN is never nearer.
     const int k = J.param;
-    for (int l = 0; l < W; ++l) start[l] = 0;
-    for (int r = 0; r + k < m; ++r) {
+    const int lo = m - k;  // the window starts at some s in [0, lo]: ranks lo .. k-1 are always in it
+    alignas(64) int64_t s0[W];  // s per lane, 64-bit like the distances: the loops vectorise in one width
+    for (int l = 0; l < W; ++l) s0[l] = 0;
+    for (int r = 0; r < lo; ++r) {
         const K* a = row(r);
         const K* b = row(r + k);
         for (int l = 0; l < W; ++l) {
             const double va = T::value(a[l]), vb = T::value(b[l]);
-            const double da = va == med[l] ? 0.0 : std::fabs(va - med[l]);
-            const double db = vb == med[l] ? 0.0 : std::fabs(vb - med[l]);
-            start[l] = da > db ? r + 1 : start[l];
+            const double da = kept_or_zero(std::fabs(va - med[l]), va != med[l]);  // (selects of bits:
+            const double db = kept_or_zero(std::fabs(vb - med[l]), vb != med[l]);  // GCC vectorises them)
+            const int64_t nearer = -static_cast<int64_t>(da > db);
+            s0[l] = (s0[l] & ~nearer) | ((r + 1) & nearer);
         }
     }
+    // the window's float64 sum, rank by rank in order; a rank outside the window adds 0.0, which
+    // changes nothing (the sum starts at +0.0 and so is never -0.0); kept_or_zero vectorises
     for (int l = 0; l < W; ++l) acc[l] = 0.0;
     for (int r = 0; r < m; ++r) {
         const K* x = row(r);
-        for (int l = 0; l < W; ++l) {
-            double v = T::value(x[l]);
-            acc[l] = (r >= start[l] && r < start[l] + k) ? acc[l] + v : acc[l];
+        if (r >= lo && r < k) {
+            for (int l = 0; l < W; ++l) acc[l] += T::value(x[l]);
+        } else {
+            for (int l = 0; l < W; ++l)
+                acc[l] += kept_or_zero(T::value(x[l]), static_cast<uint64_t>(r - s0[l]) < static_cast<uint64_t>(k));
         }
     }
     const double cnt = static_cast<double>(k);

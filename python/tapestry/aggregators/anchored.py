@@ -10,10 +10,22 @@ compressed payloads, from files and sharded alike (a shard's partial sums are re
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
-from .base import AggregationInfo, Rule, _sub_chunks, apply, check_f, indices, nonfinite_rows, require
+from .base import AggregationInfo, Rule, _sub_chunks, apply, check_f, indices, nonfinite_rows, require, row_dots
 from .columns import Columns
+
+
+def _norm2(z: torch.Tensor) -> float:
+    """``|z|^2`` in float64 (inf or NaN when ``z`` holds a non-finite value); on the CPU in NumPy,
+    one thread, as in :func:`_anchor_pass`."""
+    if z.device.type == "cpu":
+        v = z.detach().numpy().astype(np.float64)
+        return float(np.dot(v, v))
+    return float(torch.sum(z.to(torch.float64) ** 2))
 
 
 def _anchor_pass(src: Columns, z: torch.Tensor, *, dots: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -29,12 +41,8 @@ def _anchor_pass(src: Columns, z: torch.Tensor, *, dots: bool) -> tuple[torch.Te
     for a, b in _sub_chunks(src):
         X = src.read(a, b).to(torch.float32)
         zc = z[a:b]
-        if dots:
-            first += (X @ zc).to(torch.float64)
-        else:
-            diff = X - zc
-            first += torch.linalg.vecdot(diff, diff).to(torch.float64)
-        norms += torch.linalg.vecdot(X, X).to(torch.float64)
+        first += (row_dots(X, zc) if dots else row_dots(X - zc)).to(src.device)
+        norms += row_dots(X).to(src.device)
     bad += (~torch.isfinite(norms)).to(torch.float64)
     out = src.reduce(torch.stack([first, norms, bad])).cpu()
     return out[0], out[1], out[2] > 0
@@ -136,10 +144,11 @@ class FLTrust(Rule):
             (server_update.detach().reshape(1, -1), None)
         g0 = g0.reshape(-1)
         require(g0.numel() == src.d, f"fltrust: server_update has {g0.numel()} values, updates have d={src.d}")
-        require(bool(torch.isfinite(g0).all()), "fltrust: server_update holds non-finite values")
+        g0_sq = _norm2(g0)
+        require(math.isfinite(g0_sq), "fltrust: server_update holds non-finite values")
         n = src.n
         dots, norms, bad = _anchor_pass(src, g0, dots=True)
-        g0_norm = float(src.reduce(torch.sum(g0.to(torch.float64) ** 2).reshape(1)).item()) ** 0.5
+        g0_norm = float(src.reduce(torch.tensor([g0_sq], dtype=torch.float64, device=src.device)).item()) ** 0.5
         ok = ~bad & (norms > 0)
         cos = torch.zeros(n, dtype=torch.float64)
         if g0_norm > 0:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import AggregationInfo, Rule, _sub_chunks, check_f, indices, nonfinite_rows, require
+from .base import AggregationInfo, Rule, _sub_chunks, bad_rows, check_f, indices, nonfinite_rows, require, row_dots
 from .columns import Columns, Derived
 
 
@@ -30,7 +30,7 @@ def row_norms(src: Columns) -> torch.Tensor:
     sq = torch.zeros(src.n, dtype=torch.float64, device=src.device)
     for a, b in _sub_chunks(src):
         X = src.read(a, b).to(torch.float32)  # float32 products over a chunk, float64 across chunks
-        sq += torch.linalg.vecdot(X, X).to(torch.float64)
+        sq += row_dots(X).to(src.device)
     return src.reduce(sq).cpu().sqrt()
 
 
@@ -66,7 +66,7 @@ class Buckets(Derived):
     def read(self, start, stop):
         block = self.src.read(start, stop).to(torch.float32)
         out = self._A @ block
-        bad = ~torch.isfinite(out).all(dim=1)
+        bad = bad_rows(out)
         for b in torch.nonzero(bad).flatten().tolist():
             out[b] = block.index_select(0, self._groups[b]).to(torch.float64).mean(0).to(torch.float32)
         return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import CHUNK, AggregationInfo, Rule, apply, check_f, gram, require
+from .base import CHUNK, AggregationInfo, Rule, _numpy_ok, apply, check_f, gram, require
 from .columns import Columns
 
 
@@ -125,7 +125,10 @@ class Sampled(Columns):
         while i < cols.numel():  # one read per run of sampled columns within CHUNK of each other
             a = int(cols[i])
             j = int(torch.searchsorted(cols, a + CHUNK))
-            pieces.append(self.src.read(a, int(cols[j - 1]) + 1).index_select(1, (cols[i:j] - a).to(self.device)))
+            block, at = self.src.read(a, int(cols[j - 1]) + 1), cols[i:j] - a
+            # (NumPy's fancy indexing on the CPU: one thread, see base.row_dots)
+            pieces.append(torch.from_numpy(block.numpy()[:, at.numpy()]) if _numpy_ok(block) else
+                          block.index_select(1, at.to(self.device)))
             i = j
         return torch.cat(pieces, 1) if pieces else self.src.read(0, 0)
 
@@ -135,12 +138,12 @@ class Sampled(Columns):
 
 def dnc_coordinates(d: int, b: int, seed: int, iteration: int) -> torch.Tensor:
     """The sorted ``min(b, d)`` coordinates DnC's iteration ``iteration`` looks at (all of them
-    when ``b >= d``): a uniform draw without replacement from a generator seeded by
-    ``(seed, iteration)``."""
+    when ``b >= d``): a uniform draw without replacement by NumPy's generator seeded with
+    ``(seed, iteration)`` (O(b) work for b << d, not a permutation of all d)."""
     if b >= d:
         return torch.arange(d)
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + iteration)
-    return torch.sort(torch.randperm(d, generator=g)[:b]).values
+    rng = np.random.default_rng([int(seed) & (2**64 - 1), int(iteration)])
+    return torch.from_numpy(np.sort(rng.choice(d, size=b, replace=False)))
 
 
 class DnC(Rule):
