@@ -19,7 +19,8 @@
 // Results are summed in float64, rank by rank, per lane (16-bit inputs: a few ranks in float32
 // first, see trimmed_tile_regs): the same arithmetic in every lane, ISA and tile, so any column
 // blocking gives bit-identical results. Trimmed mean with n <= 32 skips the tile altogether
-// (trimmed_tile_regs): rows -> registers -> network -> sums, one register-wide group at a time.
+// (trimmed_tile_regs): rows -> registers -> network -> sums, one register-wide group at a time;
+// mean around the median with n <= 32 fills the tile from the sorted registers (around_tile_regs).
 //
 // Payload rows (quant_rows.h: int8 codes or packed int4 nibbles with one float32 scale per block,
 // or float16/bfloat16 values) are decoded tile by tile into an L1-resident float32 tile, exactly
@@ -58,7 +59,7 @@ TAPESTRY_INLINE void select_tile(const SelectJob& J, int64_t j0, void* scratch, 
             return;
         }
     }
-    if constexpr (OP == kTrimmed) {
+    if constexpr (OP != kMedian) {
         if (J.reg_trim) {
             J.reg_trim(J, j0);
             return;
@@ -116,54 +117,16 @@ TAPESTRY_INLINE void select_tile(const SelectJob& J, int64_t j0, void* scratch, 
         for (int l = 0; l < w; ++l) out[l] = static_cast<float>(acc[l] / cnt);
         return;
     }
+    if (OP == kAroundMedian) return around_median_sorted<T, W>(t, m, J.param, w, out);
     // median (float64): the middle rank, or the mean of the two middle ranks for even m
-    {
-        const K* hi = row(m / 2);
-        if (m % 2) {
-            for (int l = 0; l < W; ++l) med[l] = T::value(hi[l]);
-        } else {
-            const K* lo = row(m / 2 - 1);
-            for (int l = 0; l < W; ++l) med[l] = (T::value(lo[l]) + T::value(hi[l])) * 0.5;
-        }
+    const K* hi = row(m / 2);
+    if (m % 2) {
+        for (int l = 0; l < W; ++l) med[l] = T::value(hi[l]);
+    } else {
+        const K* lo = row(m / 2 - 1);
+        for (int l = 0; l < W; ++l) med[l] = (T::value(lo[l]) + T::value(hi[l])) * 0.5;
     }
-    if (OP == kMedian) {
-        for (int l = 0; l < w; ++l) out[l] = static_cast<float>(med[l]);
-        return;
-    }
-    // around median: the k values nearest the median (ties to the smaller value) are the window
-    // [s, s+k) of the sorted column with s = 1 + the last t at which S[t+k] is strictly nearer
-    // than S[t] (0 if none): left of s every window loses to its right neighbour, from s on none
-    // does. A value equal to the median is at distance 0 (an infinite one too: inf - inf is NaN);
-    // NaN distances compare false, so NaN is never nearer.
-    const int k = J.param;
-    const int lo = m - k;  // the window starts at some s in [0, lo]: ranks lo .. k-1 are always in it
-    alignas(64) int64_t s0[W];  // s per lane, 64-bit like the distances: the loops vectorise in one width
-    for (int l = 0; l < W; ++l) s0[l] = 0;
-    for (int r = 0; r < lo; ++r) {
-        const K* a = row(r);
-        const K* b = row(r + k);
-        for (int l = 0; l < W; ++l) {
-            const double va = T::value(a[l]), vb = T::value(b[l]);
-            const double da = kept_or_zero(std::fabs(va - med[l]), va != med[l]);  // (selects of bits:
-            const double db = kept_or_zero(std::fabs(vb - med[l]), vb != med[l]);  // GCC vectorises them)
-            const int64_t nearer = -static_cast<int64_t>(da > db);
-            s0[l] = (s0[l] & ~nearer) | ((r + 1) & nearer);
-        }
-    }
-    // the window's float64 sum, rank by rank in order; a rank outside the window adds 0.0, which
-    // changes nothing (the sum starts at +0.0 and so is never -0.0); kept_or_zero vectorises
-    for (int l = 0; l < W; ++l) acc[l] = 0.0;
-    for (int r = 0; r < m; ++r) {
-        const K* x = row(r);
-        if (r >= lo && r < k) {
-            for (int l = 0; l < W; ++l) acc[l] += T::value(x[l]);
-        } else {
-            for (int l = 0; l < W; ++l)
-                acc[l] += kept_or_zero(T::value(x[l]), static_cast<uint64_t>(r - s0[l]) < static_cast<uint64_t>(k));
-        }
-    }
-    const double cnt = static_cast<double>(k);
-    for (int l = 0; l < w; ++l) out[l] = static_cast<float>(acc[l] / cnt);
+    for (int l = 0; l < w; ++l) out[l] = static_cast<float>(med[l]);
 }
 
 template <int OP, bool AVX512>
@@ -249,9 +212,14 @@ void run_select(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, 
     TrimFn trim = nullptr;
     if (m <= kRegMax && op == kTrimmed) {
         const auto seq = std::make_index_sequence<kRegMax>{};
-        trim = dtype == kFloat32   ? reg_trimmer<F32>(isa, static_cast<int>(m), seq)
-               : dtype == kFloat16 ? reg_trimmer<F16>(isa, static_cast<int>(m), seq)
-                                   : reg_trimmer<BF16>(isa, static_cast<int>(m), seq);
+        trim = dtype == kFloat32   ? reg_trimmer<F32, false>(isa, static_cast<int>(m), seq)
+               : dtype == kFloat16 ? reg_trimmer<F16, false>(isa, static_cast<int>(m), seq)
+                                   : reg_trimmer<BF16, false>(isa, static_cast<int>(m), seq);
+    } else if (m <= kRegMax && op == kAroundMedian) {
+        const auto seq = std::make_index_sequence<kRegMax>{};
+        trim = dtype == kFloat32   ? reg_trimmer<F32, true>(isa, static_cast<int>(m), seq)
+               : dtype == kFloat16 ? reg_trimmer<F16, true>(isa, static_cast<int>(m), seq)
+                                   : reg_trimmer<BF16, true>(isa, static_cast<int>(m), seq);
     }
     const int full_w = dtype == kFloat32 ? kTileW<int32_t> : kTileW<int16_t>;
     const int64_t W = wide ? wide_tile_cols(static_cast<int>(m), full_w) : full_w;

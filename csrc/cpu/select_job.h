@@ -33,7 +33,7 @@ struct SelectJob {
     float* out;
     void (*reg_sort)(void*);  // an unrolled full sort for small m (then ca/cb are unused), or null
     void (*reg_sort_b)(void*);  // two runs (select_runs.h): sorts rows [kRegMax, m); reg_sort rows [0, kRegMax)
-    void (*reg_trim)(const SelectJob&, int64_t);  // trimmed mean, small m: a whole tile in registers, or null
+    void (*reg_trim)(const SelectJob&, int64_t);  // trimmed mean / mean around the median, m <= kRegMax, or null
     void (*half_keys)(const int16_t*, int, float*);  // float16 keys -> values (select_regs.h)
     bool prefetch;  // ask for the rows' next tiles (not when the rows are a decoded tile in L1)
     bool wide;      // trimmed mean / median by partitioning (select_wide.h), for many rows

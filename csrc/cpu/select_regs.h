@@ -218,28 +218,114 @@ TAPESTRY_INLINE void trimmed_tile_regs(const SelectJob& J, int64_t j0) {
     }
 }
 
+// Mean around the median from W sorted columns (row r of the sorted tile at t + r * W; columns
+// past w are computed but not written): the k values nearest the median (ties to the smaller
+// value) are the window [s, s+k) of the sorted column with s = 1 + the last t at which S[t+k] is
+// strictly nearer than S[t] (0 if none): left of s every window loses to its right neighbour,
+// from s on none does. A value equal to the median is at distance 0 (an infinite one too: inf - inf
+// is NaN); NaN distances compare false, so NaN is never nearer. Every condition is a select of
+// bits (kept_or_zero, masks), which GCC vectorises; the arithmetic of a lane depends only on its
+// column, so the tile and register paths give the same bits.
+template <class T, int W>
+TAPESTRY_INLINE void around_median_sorted(const typename T::Key* t, int m, int k, int w, float* out) {
+    using K = typename T::Key;
+    auto row = [&](int r) { return t + static_cast<size_t>(r) * W; };
+    alignas(64) double med[W], acc[W];
+    alignas(64) int64_t s0[W];  // s per lane, 64-bit like the distances: one vector width throughout
+    {
+        const K* hi = row(m / 2);
+        const K* lo = row(m % 2 ? m / 2 : m / 2 - 1);
+        for (int l = 0; l < W; ++l) med[l] = m % 2 ? T::value(hi[l]) : (T::value(lo[l]) + T::value(hi[l])) * 0.5;
+    }
+    const int lo = m - k;  // the window starts at some s in [0, lo]: ranks lo .. k-1 are always in it
+    for (int l = 0; l < W; ++l) s0[l] = 0;
+    for (int r = 0; r < lo; ++r) {
+        const K* a = row(r);
+        const K* b = row(r + k);
+        for (int l = 0; l < W; ++l) {
+            const double va = T::value(a[l]), vb = T::value(b[l]);
+            const double da = kept_or_zero(std::fabs(va - med[l]), va != med[l]);
+            const double db = kept_or_zero(std::fabs(vb - med[l]), vb != med[l]);
+            const int64_t nearer = -static_cast<int64_t>(da > db);
+            s0[l] = (s0[l] & ~nearer) | ((r + 1) & nearer);
+        }
+    }
+    // the window's float64 sum, rank by rank in order; a rank outside the window adds 0.0, which
+    // changes nothing (the sum starts at +0.0 and so is never -0.0)
+    for (int l = 0; l < W; ++l) acc[l] = 0.0;
+    for (int r = 0; r < m; ++r) {
+        const K* x = row(r);
+        if (r >= lo && r < k) {
+            for (int l = 0; l < W; ++l) acc[l] += T::value(x[l]);
+        } else {
+            for (int l = 0; l < W; ++l)
+                acc[l] += kept_or_zero(T::value(x[l]), static_cast<uint64_t>(r - s0[l]) < static_cast<uint64_t>(k));
+        }
+    }
+    const double cnt = static_cast<double>(k);
+    for (int l = 0; l < w; ++l) out[l] = static_cast<float>(acc[l] / cnt);
+}
+
+// ---- mean around the median for m <= kRegMax, like trimmed_tile_regs: each group of lanes from the
+// rows into registers and through the network; the sorted groups fill an L1 tile (never the raw
+// keys first, as select_tile does), which around_median_sorted then reads W columns at a time.
+template <class T, int n, int BYTES>
+TAPESTRY_INLINE void around_tile_regs(const SelectJob& J, int64_t j0) {
+    using K = typename T::Key;
+    using R = typename T::Raw;
+    typedef K V __attribute__((vector_size(BYTES)));
+    constexpr int lanes = BYTES / static_cast<int>(sizeof(K));
+    constexpr int W = kTileW<K>;
+    const int w = static_cast<int>(std::min<int64_t>(W, J.d - j0));
+    const R* src[n];
+    for (int r = 0; r < n; ++r) src[r] = reinterpret_cast<const R*>(J.base + J.row_off[r]) + j0;
+    alignas(64) K tile[n * W];
+    for (int g = 0; g < w; g += lanes) {
+        V v[n];
+        if (g + lanes <= w && J.prefetch) {
+            load_keys<true>(v, src, g, nan_above<T>(), std::make_index_sequence<n>{});
+        } else if (g + lanes <= w) {
+            load_keys<false>(v, src, g, nan_above<T>(), std::make_index_sequence<n>{});
+        } else {  // the last group: lanes past d hold raw 0 (key 0) and are never written out
+            alignas(64) R tmp[n * lanes] = {};
+            const R* tsrc[n];
+            for (int r = 0; r < n; ++r) {
+                std::memcpy(tmp + r * lanes, src[r] + g, static_cast<size_t>(w - g) * sizeof(R));
+                tsrc[r] = tmp + r * lanes;
+            }
+            load_keys<false>(v, tsrc, 0, nan_above<T>(), std::make_index_sequence<n>{});
+        }
+        run_network<V, n>(v, std::make_index_sequence<Batcher<n>::count>{});
+        for (int r = 0; r < n; ++r) std::memcpy(tile + r * W + g, &v[r], sizeof(V));
+    }
+    for (int g = (w + lanes - 1) / lanes * lanes; g < W; g += lanes)  // columns past d: defined keys
+        for (int r = 0; r < n; ++r) std::memset(tile + r * W + g, 0, sizeof(V));
+    around_median_sorted<T, W>(tile, n, J.param, w, J.out + j0);
+}
+
 #pragma GCC diagnostic pop
 
 using TrimFn = void (*)(const SelectJob&, int64_t);
 
-template <class T, int n>
+template <class T, int n, bool AROUND>
 TAPESTRY_AVX512 void trim_regs_avx512(const SelectJob& J, int64_t j0) {
-    trimmed_tile_regs<T, n, 64>(J, j0);
+    if constexpr (AROUND) around_tile_regs<T, n, 64>(J, j0); else trimmed_tile_regs<T, n, 64>(J, j0);
 }
-template <class T, int n>
+template <class T, int n, bool AROUND>
 TAPESTRY_AVX2 void trim_regs_avx2(const SelectJob& J, int64_t j0) {
-    trimmed_tile_regs<T, n, 32>(J, j0);
+    if constexpr (AROUND) around_tile_regs<T, n, 32>(J, j0); else trimmed_tile_regs<T, n, 32>(J, j0);
 }
-template <class T, int n>
+template <class T, int n, bool AROUND>
 void trim_regs_portable(const SelectJob& J, int64_t j0) {
-    trimmed_tile_regs<T, n, 16>(J, j0);
+    if constexpr (AROUND) around_tile_regs<T, n, 16>(J, j0); else trimmed_tile_regs<T, n, 16>(J, j0);
 }
 
-template <class T, size_t... I>
+// The register path of the trimmed mean (AROUND false) or the mean around the median (true).
+template <class T, bool AROUND, size_t... I>
 TrimFn reg_trimmer(Isa isa, int n, std::index_sequence<I...>) {
-    static constexpr TrimFn avx512[] = {trim_regs_avx512<T, int(I) + 1>...};
-    static constexpr TrimFn avx2[] = {trim_regs_avx2<T, int(I) + 1>...};
-    static constexpr TrimFn portable[] = {trim_regs_portable<T, int(I) + 1>...};
+    static constexpr TrimFn avx512[] = {trim_regs_avx512<T, int(I) + 1, AROUND>...};
+    static constexpr TrimFn avx2[] = {trim_regs_avx2<T, int(I) + 1, AROUND>...};
+    static constexpr TrimFn portable[] = {trim_regs_portable<T, int(I) + 1, AROUND>...};
     return (isa == kAvx512 ? avx512 : isa == kAvx2 ? avx2 : portable)[n - 1];
 }
 
