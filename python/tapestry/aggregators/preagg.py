@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import AggregationInfo, Rule, _sub_chunks, bad_rows, check_f, indices, nonfinite_rows, require, row_dots
+from .base import AggregationInfo, Rule, _numpy_ok, _sub_chunks, bad_rows, check_f, indices, nonfinite_rows, require, row_dots
 from .columns import Columns, Derived
 
 
@@ -37,6 +37,8 @@ def row_norms(src: Columns) -> torch.Tensor:
 class Scaled(Derived):
     """``scale_i * x_i`` for every client, as float32."""
 
+    max_block = 1 << 16  # bounded temporaries (an in-memory source is one block of every column)
+
     def __init__(self, src: Columns, scale: torch.Tensor):
         super().__init__(src, src.n)
         self._scale = scale.to(device=src.device, dtype=torch.float32)[:, None]
@@ -44,7 +46,11 @@ class Scaled(Derived):
 
     def read(self, start, stop):
         block = self.src.read(start, stop)
-        return block if self._trivial else block.to(torch.float32) * self._scale
+        if self._trivial:
+            return block
+        if _numpy_ok(block):  # one thread (see base.row_dots)
+            return torch.from_numpy(block.to(torch.float32).numpy() * self._scale.numpy())
+        return block.to(torch.float32) * self._scale
 
 
 class Buckets(Derived):
