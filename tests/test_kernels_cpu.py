@@ -426,3 +426,35 @@ print(json.dumps(out))
     assert abs(got["temp"] * 2**20 - nbytes) < 0.05 * nbytes, got
     for name in ("trimmed_mean", "coord_median", "gram"):
         assert got[name] * 2**20 < 0.1 * nbytes, (name, got)
+
+
+# ---------------------------------------------------------------------------------------------
+# anchor_dots (MoNNA's distances, FLTrust's dot products): float64 sums of exact terms
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,kind,pad", [(1, 1, "normal", 0), (5, 8191, "ties", 3), (16, 8193, "common", 0),
+                                          (7, 70_001, "tiny", 5), (3, 24_577, "normal", 0)])
+def test_anchor_dots_matches_reference(n, d, kind, pad, dtype):
+    X = data(n, d, dtype, seed=d, kind=kind, stride_pad=pad)
+    z = data(1, d, torch.float32, seed=d + 1, kind=kind)[0]
+    got, want = cpu.anchor_dots(X, z), reference.anchor_dots(X, z)
+    assert got.shape == (n, 3) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)  # only the float64 sums' order differs
+
+
+def test_anchor_dots_nonfinite_rows_and_invariance(isa_cap):
+    X = poison(data(9, 20_000, seed=5), 2)
+    z = data(1, 20_000, seed=6)[0]
+    want = cpu.anchor_dots(X, z)
+    assert not torch.isfinite(want[:2]).all(1).any() and torch.isfinite(want[2:]).all()
+    for isa in SUPPORTED_ISAS:  # the same lane sums on every ISA and thread count
+        assert isa_cap(isa) == isa
+        for threads in (1, 2):
+            C.set_num_threads(threads)
+            try:
+                assert torch.equal(cpu.anchor_dots(X, z).nan_to_num(7.0), want.nan_to_num(7.0)), (isa, threads)
+            finally:
+                C.set_num_threads(torch.get_num_threads())
+    with pytest.raises(ValueError, match="z has 3 values"):
+        cpu.anchor_dots(X, z[:3])

@@ -57,6 +57,11 @@ void bind_robust(py::module_& m) {
                                  ptr<float>(out));
           },
           nogil, "per column over the given rows, mean of the k values nearest their median");
+    m.def("anchor_dots",
+          [](uintptr_t X, int64_t n, int64_t d, int64_t stride, int dtype, uintptr_t z, uintptr_t out) {
+              anchor_dots(ptr<const void>(X), n, d, stride, dtype, ptr<const float>(z), ptr<double>(out));
+          },
+          nogil, "out (n, 3) float64: per row, sum (x - z)^2, sum x z, sum x^2");
     m.def("gram",
           [](uintptr_t X, int64_t n, int64_t d, int64_t stride, int dtype, uintptr_t G) {
               gram(ptr<const void>(X), n, d, stride, dtype, ptr<double>(G));

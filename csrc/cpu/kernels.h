@@ -13,6 +13,8 @@ void coord_median(const void* X, int64_t n, int64_t d, int64_t stride, int dtype
 void mean_around_median(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, const int64_t* rows,
                         int64_t m, int64_t k, float* out);
 void gram(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, double* G);
+// out (n, 3) float64: per row, sum (x - z)^2, sum x z, sum x^2 (anchor.cpp)
+void anchor_dots(const void* X, int64_t n, int64_t d, int64_t stride, int dtype, const float* z, double* out);
 
 void quantize_int8(const void* x, int dtype, int64_t m, int64_t block, bool stochastic, uint32_t k0, uint32_t k1,
                    int8_t* q, float* scales);

@@ -51,6 +51,7 @@ OPS: dict[str, str] = {
     "coord_median": "(X) -> (d,): per coordinate median, mean of the two middle values for even n",
     "mean_around_median": "(X, rows: (m,) int64, k: int) -> (d,): per coordinate over rows, mean of the k values closest to their median",
     "gram": "(X) -> (n, n) float64: Gram matrix of the rows after a common per-coordinate shift",
+    "anchor_dots": "(X, z: (d,) float32) -> (n, 3) float64: per row, sum (x_i - z)^2, x_i . z, |x_i|^2 (float64 sums)",
     # -- compression (see tapestry.compression)
     #    blockwise symmetric absmax, float32 steps shared bit for bit by every backend (reference.py);
     #    key = (k0, k1) uint32 generator key for stochastic rounding, None for round to nearest;

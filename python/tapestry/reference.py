@@ -76,6 +76,13 @@ def mean_around_median(X: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Ten
     return _result(X, torch.gather(S, 0, window).mean(0))
 
 
+def anchor_dots(X: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """float64 ``(n, 3)``: per row, ``sum_j (x_ij - z_j)^2``, ``x_i . z`` and ``|x_i|^2``, from the
+    values and ``z`` (float32) in float64 (differences and products exact; only the sums round)."""
+    X64, z64 = X.to(torch.float64), z.to(device=X.device, dtype=torch.float32).to(torch.float64)
+    return torch.stack([((X64 - z64) ** 2).sum(1), X64 @ z64, (X64 ** 2).sum(1)], dim=1)
+
+
 def gram(X: torch.Tensor) -> torch.Tensor:
     """float64 Gram matrix of the rows after subtracting the mean of the finite rows.
 

@@ -2,8 +2,8 @@
 own update from its root data) and Meamed (the coordinate-wise median).
 
 MoNNA and FLTrust need, per client, one number against the anchor (a distance, or a dot product
-and a norm): a single float32 pass over column chunks with float64 accumulation, then one
-``weighted_mean``. Meamed is the ``mean_around_median`` op over every client. All three read the
+and a norm): one pass of the ``anchor_dots`` op over column chunks (float64 sums of exact
+differences and products), then one ``weighted_mean``. Meamed is the ``mean_around_median`` op over every client. All three read the
 updates through :class:`~tapestry.aggregators.columns.Columns`, so they run in memory, on
 compressed payloads, from files and sharded alike (a shard's partial sums are reduced over ranks).
 """
@@ -15,7 +15,8 @@ import math
 import numpy as np
 import torch
 
-from .base import AggregationInfo, Rule, _sub_chunks, apply, check_f, indices, nonfinite_rows, require, row_dots
+from .. import ops
+from .base import AggregationInfo, Rule, _sub_chunks, apply, check_f, indices, nonfinite_rows, require
 from .columns import Columns
 
 
@@ -31,18 +32,17 @@ def _norm2(z: torch.Tensor) -> float:
 def _anchor_pass(src: Columns, z: torch.Tensor, *, dots: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass over ``src`` against the vector ``z`` (this shard's part): per client, float64 on
     the CPU, ``|x_i - z|^2`` (``dots=False``) or ``x_i . z`` (``dots=True``), ``|x_i|^2``, and
-    whether the client holds a non-finite value. Products are summed in float32 over chunks of a
-    ``CHUNK`` columns (exact differences, one rounding each) and the chunks in float64."""
+    whether the client holds a non-finite value: the ``anchor_dots`` op (float64 sums of exact
+    differences and products) over chunks of ``CHUNK`` columns."""
     n = src.n
     first = torch.zeros(n, dtype=torch.float64, device=src.device)
     norms = torch.zeros(n, dtype=torch.float64, device=src.device)
     bad = torch.zeros(n, dtype=torch.float64, device=src.device)
     z = z.to(device=src.device, dtype=torch.float32)
     for a, b in _sub_chunks(src):
-        X = src.read(a, b).to(torch.float32)
-        zc = z[a:b]
-        first += (row_dots(X, zc) if dots else row_dots(X - zc)).to(src.device)
-        norms += row_dots(X).to(src.device)
+        part = ops.call("anchor_dots", src.read(a, b), z[a:b]).to(src.device)
+        first += part[:, 1] if dots else part[:, 0]
+        norms += part[:, 2]
     bad += (~torch.isfinite(norms)).to(torch.float64)
     out = src.reduce(torch.stack([first, norms, bad])).cpu()
     return out[0], out[1], out[2] > 0

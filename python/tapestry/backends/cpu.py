@@ -105,6 +105,17 @@ def _rows(rows, n: int, k: int) -> torch.Tensor:
     return rows
 
 
+def anchor_dots(X: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    X, stride, code = _matrix(X, "anchor_dots")
+    n, d = X.shape
+    z = z.detach().to(device="cpu", dtype=torch.float32).contiguous().reshape(-1)
+    if z.numel() != d:
+        raise ValueError(f"anchor_dots: z has {z.numel()} values, the rows d={d}")
+    out = torch.empty(n, 3, dtype=torch.float64)
+    _C().anchor_dots(X.data_ptr(), n, d, stride, code, z.data_ptr(), out.data_ptr())
+    return out
+
+
 def gram(X: torch.Tensor) -> torch.Tensor:
     X, stride, code = _matrix(X, "gram")
     n, d = X.shape
