@@ -23,12 +23,12 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from tapestry.cli import main
 from tapestry.distributed import launch
 from tapestry.privacy import DistributedDP, epsilon
-from tapestry.train import TrainConfig, TrainJob, train_rank
+from tapestry.train import TrainConfig, TrainJob
+from train_spy import run_jobs
 
 WORLD, D, BITS = 3, 10_001, 20          # D pads to 16384 = 3 shards of 5462 words (the last one short)
 SECRET = b"test-secret-shared-by-all-ranks!"  # every rank the same: the one-process reference can redo it
@@ -100,35 +100,11 @@ def _outer_steps(rank: int) -> dict:
 def _everything(work, *, rank, world, device=None):
     """Rank ``rank``'s part: the outer steps on known deltas, then every training job; rank 0
     saves ``(steps, runs)`` to the file it returns (too large for the launcher's pipe)."""
-    from tapestry.train import checkpoint, loop
 
     jobs, path = work
     steps = _outer_steps(rank)
 
-    last = {}
-    set_params, save = loop._set_params, checkpoint.save
-
-    def spy_set(model, w):  # the global model every rank moves to after an outer step
-        last["w"] = w.clone()
-        set_params(model, w)
-
-    def spy_save(path, doc):  # keep the step-2 checkpoint of the straight DP run for the resume
-        save(path, doc)
-        if doc["step"] == 2 and doc["config"]["dp_epsilon"] == EPS and "straight" in path:
-            save(path.replace("straight", "resumed"), doc)
-    loop._set_params, checkpoint.save = spy_set, spy_save
-
-    runs = []
-    for job in jobs:
-        record = train_rank(job, rank=rank, world=world)
-        models = [torch.empty_like(last["w"]) for _ in range(world)]
-        dist.all_gather(models, last["w"])
-        runs.append((record, models))
-    gathered = [None] * world
-    dist.all_gather_object(gathered, steps)
-    if rank == 0:
-        torch.save((gathered, runs), path)
-    return path
+    return run_jobs(jobs, path, steps, rank=rank, world=world, eps=EPS)
 
 
 @pytest.fixture(scope="module")

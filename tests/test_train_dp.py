@@ -22,12 +22,12 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from tapestry.cli import main
 from tapestry.distributed import launch
 from tapestry.privacy import CentralDP, Schedule, epsilon
-from tapestry.train import TrainConfig, TrainJob, train_rank
+from tapestry.train import TrainConfig, TrainJob
+from train_spy import run_jobs
 
 WORLD, D, CLIP = 3, 10_001, 1.0   # three coordinate shards of 3344, 3344 and 3313
 TINY = dict(participants=WORLD, inner_steps=2, outer_steps=3, width=16, heads=2, layers=1, context=16,
@@ -66,7 +66,7 @@ def _everything(work, *, rank, world, device=None):
     """Rank ``rank``'s part: the DP step on known deltas, then every training job. Rank 0 saves
     ``(steps, runs)`` (every rank's aggregates; per job, the record and every rank's final model)
     to the file it returns (a result that large would not fit through the launcher's pipe)."""
-    from tapestry.train import checkpoint, dp, loop
+    from tapestry.train import dp
 
     jobs, path = work
 
@@ -79,30 +79,7 @@ def _everything(work, *, rank, world, device=None):
             out.append((agg, info.scores, cdp.reports[-1].clip))
         steps[name] = out
 
-    last = {}
-    set_params, save = loop._set_params, checkpoint.save
-
-    def spy_set(model, w):  # the global model every rank moves to after an outer step
-        last["w"] = w.clone()
-        set_params(model, w)
-
-    def spy_save(path, doc):  # keep the step-2 checkpoint of the straight DP run for the resume
-        save(path, doc)
-        if doc["step"] == 2 and doc["config"]["dp_epsilon"] == EPS and "straight" in path:
-            save(path.replace("straight", "resumed"), doc)
-    loop._set_params, checkpoint.save = spy_set, spy_save
-
-    runs = []
-    for job in jobs:
-        record = train_rank(job, rank=rank, world=world)
-        models = [torch.empty_like(last["w"]) for _ in range(world)]
-        dist.all_gather(models, last["w"])
-        runs.append((record, models))
-    gathered = [None] * world
-    dist.all_gather_object(gathered, steps)
-    if rank == 0:
-        torch.save((gathered, runs), path)
-    return path
+    return run_jobs(jobs, path, steps, rank=rank, world=world, eps=EPS)
 
 
 @pytest.fixture(scope="module")
