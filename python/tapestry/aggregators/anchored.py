@@ -3,9 +3,10 @@ own update from its root data) and Meamed (the coordinate-wise median).
 
 MoNNA and FLTrust need, per client, one number against the anchor (a distance, or a dot product
 and a norm): one pass of the ``anchor_dots`` op over column chunks (float64 sums of exact
-differences and products), then one ``weighted_mean``. Meamed is the ``mean_around_median`` op over every client. All three read the
-updates through :class:`~tapestry.aggregators.columns.Columns`, so they run in memory, on
-compressed payloads, from files and sharded alike (a shard's partial sums are reduced over ranks).
+differences and products), then one ``weighted_mean``. Meamed is the ``mean_around_median`` op
+over every client. All three read the updates through
+:class:`~tapestry.aggregators.columns.Columns`, so they run in memory, on compressed payloads, from
+files and sharded alike (a shard's partial sums are reduced over ranks).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .columns import Columns
 
 def _norm2(z: torch.Tensor) -> float:
     """``|z|^2`` in float64 (inf or NaN when ``z`` holds a non-finite value); on the CPU in NumPy,
-    one thread, as in :func:`_anchor_pass`."""
+    one thread (see base._numpy_ok)."""
     if z.device.type == "cpu":
         v = z.detach().numpy().astype(np.float64)
         return float(np.dot(v, v))

@@ -75,17 +75,13 @@ def bad_rows(A: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(A).all(dim=1)
 
 
-def row_dots(A: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
-    """float64 ``(rows,)``: each row of the float32 chunk ``A`` dotted with itself, or with ``B``
-    (a matrix of the same shape or one vector), products summed in float32 over the chunk."""
+def row_sq_norms(A: torch.Tensor) -> torch.Tensor:
+    """float64 ``(rows,)``: each row of the float32 chunk ``A`` dotted with itself, the products
+    summed in float32 over the chunk."""
     if _numpy_ok(A):
         a = A.numpy()
-        out = np.einsum("ij,ij->i", a, a) if B is None else \
-            np.einsum("ij,j->i" if B.dim() == 1 else "ij,ij->i", a, B.numpy())
-        return torch.from_numpy(out).to(torch.float64)
-    if B is None:
-        return torch.linalg.vecdot(A, A).to(torch.float64)
-    return (A @ B if B.dim() == 1 else torch.linalg.vecdot(A, B)).to(torch.float64)
+        return torch.from_numpy(np.einsum("ij,ij->i", a, a)).to(torch.float64)
+    return torch.linalg.vecdot(A, A).to(torch.float64)
 
 
 def nonfinite_rows(src: Columns) -> torch.Tensor:
@@ -138,7 +134,7 @@ def apply(op: str, src: Columns, *args) -> tuple[torch.Tensor, str]:
     if len(blocks) == 1:
         return fn(first, *args), name
     out = torch.empty(src.d, dtype=torch.float32, device=src.device)
-    dst = out.numpy() if _numpy_ok(out) else out  # (a NumPy copy: one thread, see row_dots)
+    dst = out.numpy() if _numpy_ok(out) else out  # (a NumPy copy: one thread, see _numpy_ok)
     for i, (a, b) in enumerate(blocks):
         part = fn(first if i == 0 else src.read(a, b), *args)
         dst[a:b] = part.numpy() if dst is not out else part

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import AggregationInfo, Rule, _numpy_ok, _sub_chunks, bad_rows, check_f, indices, nonfinite_rows, require, row_dots
+from .base import AggregationInfo, Rule, _numpy_ok, _sub_chunks, bad_rows, check_f, indices, nonfinite_rows, require, row_sq_norms
 from .columns import Columns, Derived
 
 
@@ -30,7 +30,7 @@ def row_norms(src: Columns) -> torch.Tensor:
     sq = torch.zeros(src.n, dtype=torch.float64, device=src.device)
     for a, b in _sub_chunks(src):
         X = src.read(a, b).to(torch.float32)  # float32 products over a chunk, float64 across chunks
-        sq += row_dots(X).to(src.device)
+        sq += row_sq_norms(X).to(src.device)
     return src.reduce(sq).cpu().sqrt()
 
 
@@ -48,7 +48,7 @@ class Scaled(Derived):
         block = self.src.read(start, stop)
         if self._trivial:
             return block
-        if _numpy_ok(block):  # one thread (see base.row_dots)
+        if _numpy_ok(block):  # one thread (see base._numpy_ok)
             return torch.from_numpy(block.to(torch.float32).numpy() * self._scale.numpy())
         return block.to(torch.float32) * self._scale
 

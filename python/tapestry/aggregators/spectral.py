@@ -126,7 +126,7 @@ class Sampled(Columns):
             a = int(cols[i])
             j = int(torch.searchsorted(cols, a + CHUNK))
             block, at = self.src.read(a, int(cols[j - 1]) + 1), cols[i:j] - a
-            # (NumPy's fancy indexing on the CPU: one thread, see base.row_dots)
+            # (NumPy's fancy indexing on the CPU: one thread, see base._numpy_ok)
             pieces.append(torch.from_numpy(block.numpy()[:, at.numpy()]) if _numpy_ok(block) else
                           block.index_select(1, at.to(self.device)))
             i = j
