@@ -2,13 +2,14 @@
 // sum_j x_ij^2, in float64 (MoNNA's distances to the trusted update, FLTrust's cosines).
 //
 // One pass over X. Every float32/16-bit value and z_j are exact in float64, so the difference and
-// the products are exact and only the sums round: eight lane sums per quantity over each block of
+// the products are exact and only the sums round: sixteen lane sums per quantity over each block of
 // B coordinates, the lanes added in a fixed order, the blocks' sums added in block order after the
 // parallel loop. The arithmetic therefore depends on neither the ISA nor the thread count.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -21,7 +22,7 @@ namespace {
 using namespace simd;
 
 constexpr int64_t B = 8192;  // coordinates per block
-constexpr int L = 8;         // lane sums per quantity (one AVX-512 register of doubles)
+constexpr int L = 8;         // doubles per vector (one AVX-512 register)
 typedef double D8 __attribute__((vector_size(64)));
 typedef float F8 __attribute__((vector_size(32)));
 
@@ -33,39 +34,47 @@ struct AnchorJob {
     double* part;  // (nblocks, n, 3)
 };
 
+// 2 L lane sums per quantity (two independent chains of vector adds), over float32 values at v.
+TAPESTRY_INLINE void anchor_row(const float* v, const float* z, int64_t b, double* s) {
+    D8 dd[2] = {}, xz[2] = {}, xx[2] = {};
+    int64_t j = 0;
+    for (; j + 2 * L <= b; j += 2 * L)
+        for (int h = 0; h < 2; ++h) {
+            F8 uf, wf;
+            std::memcpy(&uf, v + j + h * L, sizeof(F8));
+            std::memcpy(&wf, z + j + h * L, sizeof(F8));
+            const D8 u = __builtin_convertvector(uf, D8), w = __builtin_convertvector(wf, D8), e = u - w;
+            dd[h] += e * e;
+            xz[h] += u * w;
+            xx[h] += u * u;
+        }
+    for (int l = 0; j + l < b; ++l) {  // the tail, in lane l
+        const double u = v[j + l], w = z[j + l], e = u - w;
+        dd[l / L][l % L] += e * e;
+        xz[l / L][l % L] += u * w;
+        xx[l / L][l % L] += u * u;
+    }
+    s[0] = s[1] = s[2] = 0.0;
+    for (int h = 0; h < 2; ++h)
+        for (int l = 0; l < L; ++l) {
+            s[0] += dd[h][l];
+            s[1] += xz[h][l];
+            s[2] += xx[h][l];
+        }
+}
+
 template <class T>
 TAPESTRY_INLINE void anchor_block(const AnchorJob& J, int64_t blk, float* v) {
     using R = typename T::Raw;
     const int64_t j0 = blk * B, b = std::min(B, J.d - j0);
-    const float* z = J.z + j0;
     for (int64_t i = 0; i < J.n; ++i) {
         const R* x = reinterpret_cast<const R*>(J.X) + i * J.stride + j0;
-        for (int64_t j = 0; j < b; ++j) v[j] = T::to_float(x[j]);  // (no branches left below)
-        D8 dd = {}, xz = {}, xx = {};
-        int64_t j = 0;
-        for (; j + L <= b; j += L) {
-            F8 uf, wf;
-            std::memcpy(&uf, v + j, sizeof(F8));
-            std::memcpy(&wf, z + j, sizeof(F8));
-            const D8 u = __builtin_convertvector(uf, D8), w = __builtin_convertvector(wf, D8), e = u - w;
-            dd += e * e;
-            xz += u * w;
-            xx += u * u;
+        const float* row = reinterpret_cast<const float*>(x);
+        if constexpr (!std::is_same<T, F32>::value) {  // 16-bit rows: converted first (no branches below)
+            for (int64_t j = 0; j < b; ++j) v[j] = T::to_float(x[j]);
+            row = v;
         }
-        for (int l = 0; j + l < b; ++l) {  // the tail, in lane l
-            const double u = v[j + l], w = z[j + l], e = u - w;
-            dd[l] += e * e;
-            xz[l] += u * w;
-            xx[l] += u * u;
-        }
-        double s[3] = {0.0, 0.0, 0.0};
-        for (int l = 0; l < L; ++l) {
-            s[0] += dd[l];
-            s[1] += xz[l];
-            s[2] += xx[l];
-        }
-        double* out = J.part + (blk * J.n + i) * 3;
-        out[0] = s[0], out[1] = s[1], out[2] = s[2];
+        anchor_row(row, J.z + j0, b, J.part + (blk * J.n + i) * 3);
     }
 }
 
