@@ -14,10 +14,8 @@ refused before any rank starts, with the failing condition in the message.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
-import os
 import time
 
 import numpy as np
@@ -25,10 +23,9 @@ import pytest
 import torch
 
 from tapestry.cli import main
-from tapestry.distributed import launch
 from tapestry.privacy import DistributedDP, epsilon
-from tapestry.train import TrainConfig, TrainJob
-from train_spy import run_jobs
+from tapestry.train import TrainConfig
+from train_spy import run_jobs, spawn_runs
 
 WORLD, D, BITS = 3, 10_001, 20          # D pads to 16384 = 3 shards of 5462 words (the last one short)
 SECRET = b"test-secret-shared-by-all-ranks!"  # every rank the same: the one-process reference can redo it
@@ -109,16 +106,7 @@ def _everything(work, *, rank, world, device=None):
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ddp")
-    straight, resumed = str(base / "straight"), str(base / "resumed")
-    private = _config(dp="distributed", dp_epsilon=EPS, dp_clip=0.05)
-    jobs = [TrainJob(_config()), TrainJob(_config(dp="distributed", dp_epsilon=math.inf)),
-            TrainJob(private, out=straight), TrainJob(private, out=resumed, resume=True)]
-    os.makedirs(resumed)
-    path = launch.spawn((jobs, str(base / "out.pt")), WORLD, "cpu", target=_everything,
-                        timeout=datetime.timedelta(seconds=120))
-    steps, runs = torch.load(path, weights_only=False)
-    return steps, runs, base
+    return spawn_runs(tmp_path_factory.mktemp("ddp"), _config, "distributed", EPS, _everything, WORLD)
 
 
 def test_masked_sum_is_the_plain_sum_of_the_codes(spawned):

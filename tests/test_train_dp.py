@@ -14,20 +14,17 @@ are refused before any rank starts, with the failing inequality in the message.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
-import os
 import time
 
 import pytest
 import torch
 
 from tapestry.cli import main
-from tapestry.distributed import launch
 from tapestry.privacy import CentralDP, Schedule, epsilon
-from tapestry.train import TrainConfig, TrainJob
-from train_spy import run_jobs
+from tapestry.train import TrainConfig
+from train_spy import run_jobs, spawn_runs
 
 WORLD, D, CLIP = 3, 10_001, 1.0   # three coordinate shards of 3344, 3344 and 3313
 TINY = dict(participants=WORLD, inner_steps=2, outer_steps=3, width=16, heads=2, layers=1, context=16,
@@ -84,16 +81,7 @@ def _everything(work, *, rank, world, device=None):
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    base = tmp_path_factory.mktemp("dp")
-    straight, resumed = str(base / "straight"), str(base / "resumed")
-    private = _config(dp="central", dp_epsilon=EPS, dp_clip=0.05)
-    jobs = [TrainJob(_config()), TrainJob(_config(dp="central", dp_epsilon=math.inf)),
-            TrainJob(private, out=straight), TrainJob(private, out=resumed, resume=True)]
-    os.makedirs(resumed)
-    path = launch.spawn((jobs, str(base / "out.pt")), WORLD, "cpu", target=_everything,
-                        timeout=datetime.timedelta(seconds=120))
-    steps, runs = torch.load(path, weights_only=False)
-    return steps, runs, base
+    return spawn_runs(tmp_path_factory.mktemp("dp"), _config, "central", EPS, _everything, WORLD)
 
 
 def test_every_update_is_clipped_by_its_whole_norm(spawned):

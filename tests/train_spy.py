@@ -2,8 +2,30 @@
 
 from __future__ import annotations
 
+import datetime
+import math
+import os
+
 import torch
 import torch.distributed as dist
+
+
+def spawn_runs(base, config, dp: str, eps: float, target, world: int):
+    """Spawn ``world`` ranks running ``target`` on four jobs: no DP, ``dp`` at epsilon inf, ``dp``
+    at ``eps`` straight, and the same resumed from the straight run's step 2 (see :func:`run_jobs`);
+    ``(steps, runs, base)`` as rank 0 saved them."""
+    from tapestry.distributed import launch
+    from tapestry.train import TrainJob
+
+    straight, resumed = os.path.join(base, "straight"), os.path.join(base, "resumed")
+    private = config(dp=dp, dp_epsilon=eps, dp_clip=0.05)
+    jobs = [TrainJob(config()), TrainJob(config(dp=dp, dp_epsilon=math.inf)),
+            TrainJob(private, out=straight), TrainJob(private, out=resumed, resume=True)]
+    os.makedirs(resumed)
+    path = launch.spawn((jobs, os.path.join(base, "out.pt")), world, "cpu", target=target,
+                        timeout=datetime.timedelta(seconds=120))
+    steps, runs = torch.load(path, weights_only=False)
+    return steps, runs, base
 
 
 def run_jobs(jobs, path: str, steps, *, rank: int, world: int, eps: float) -> str:

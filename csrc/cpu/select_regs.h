@@ -137,6 +137,29 @@ TAPESTRY_INLINE double summand_d(float v) {
     return v;
 }
 
+// The lanes columns from g (of w) of the n rows at src, as keys in one register per row, sorted
+// by the unrolled network; in the last, partial group the lanes past w hold raw 0 (key 0) and are
+// never stored by the callers.
+template <class T, int n, class V>
+TAPESTRY_INLINE void sorted_group(const SelectJob& J, const typename T::Raw* const* src, int g, int w, V* v) {
+    using R = typename T::Raw;
+    constexpr int lanes = static_cast<int>(sizeof(V) / sizeof(typename T::Key));
+    if (g + lanes <= w && J.prefetch) {
+        load_keys<true>(v, src, g, nan_above<T>(), std::make_index_sequence<n>{});
+    } else if (g + lanes <= w) {
+        load_keys<false>(v, src, g, nan_above<T>(), std::make_index_sequence<n>{});
+    } else {
+        alignas(64) R tmp[n * lanes] = {};
+        const R* tsrc[n];
+        for (int r = 0; r < n; ++r) {
+            std::memcpy(tmp + r * lanes, src[r] + g, static_cast<size_t>(w - g) * sizeof(R));
+            tsrc[r] = tmp + r * lanes;
+        }
+        load_keys<false>(v, tsrc, 0, nan_above<T>(), std::make_index_sequence<n>{});
+    }
+    run_network<V, n>(v, std::make_index_sequence<Batcher<n>::count>{});
+}
+
 // (GCC cannot see that store_wires writes every row of buf that the sums read)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -156,20 +179,7 @@ TAPESTRY_INLINE void trimmed_tile_regs(const SelectJob& J, int64_t j0) {
     float* out = J.out + j0;
     for (int g = 0; g < w; g += lanes) {
         V v[n];
-        if (g + lanes <= w && J.prefetch) {
-            load_keys<true>(v, src, g, nan_above<T>(), std::make_index_sequence<n>{});
-        } else if (g + lanes <= w) {
-            load_keys<false>(v, src, g, nan_above<T>(), std::make_index_sequence<n>{});
-        } else {  // the last group: lanes past d hold raw 0 (key 0) and are never stored
-            alignas(64) R tmp[n * lanes] = {};
-            const R* tsrc[n];
-            for (int r = 0; r < n; ++r) {
-                std::memcpy(tmp + r * lanes, src[r] + g, static_cast<size_t>(w - g) * sizeof(R));
-                tsrc[r] = tmp + r * lanes;
-            }
-            load_keys<false>(v, tsrc, 0, nan_above<T>(), std::make_index_sequence<n>{});
-        }
-        run_network<V, n>(v, std::make_index_sequence<Batcher<n>::count>{});
+        sorted_group<T, n>(J, src, g, w, v);
         store_wires<V>(v, buf, std::make_index_sequence<n>{});
         // float16: the kept ranks converted in one call (F16C), the sums then read floats
         constexpr bool half = std::is_same<T, F16>::value;
@@ -282,20 +292,7 @@ TAPESTRY_INLINE void around_tile_regs(const SelectJob& J, int64_t j0) {
     alignas(64) K tile[n * W];
     for (int g = 0; g < w; g += lanes) {
         V v[n];
-        if (g + lanes <= w && J.prefetch) {
-            load_keys<true>(v, src, g, nan_above<T>(), std::make_index_sequence<n>{});
-        } else if (g + lanes <= w) {
-            load_keys<false>(v, src, g, nan_above<T>(), std::make_index_sequence<n>{});
-        } else {  // the last group: lanes past d hold raw 0 (key 0) and are never written out
-            alignas(64) R tmp[n * lanes] = {};
-            const R* tsrc[n];
-            for (int r = 0; r < n; ++r) {
-                std::memcpy(tmp + r * lanes, src[r] + g, static_cast<size_t>(w - g) * sizeof(R));
-                tsrc[r] = tmp + r * lanes;
-            }
-            load_keys<false>(v, tsrc, 0, nan_above<T>(), std::make_index_sequence<n>{});
-        }
-        run_network<V, n>(v, std::make_index_sequence<Batcher<n>::count>{});
+        sorted_group<T, n>(J, src, g, w, v);
         for (int r = 0; r < n; ++r) std::memcpy(tile + r * W + g, &v[r], sizeof(V));
     }
     for (int g = (w + lanes - 1) / lanes * lanes; g < W; g += lanes)  // columns past d: defined keys
